@@ -1,0 +1,87 @@
+//! The HTTP edge of payerx. Thin by design: it authenticates, bounds and parses requests, rejects
+//! what is malformed with an OperationOutcome, appends events, and answers — from the
+//! projections' query side for reads, and from the recorded write outcome for writes. It never
+//! writes a view.
+
+pub mod bundle;
+pub mod capability;
+pub mod error;
+pub mod fhir;
+pub mod ops;
+pub mod write;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use projections::{ResourceStore, WriteNotifier};
+use runtime::Log;
+
+pub use error::ApiError;
+
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub topic_prefix: String,
+    /// How long a write waits for the read view before answering 202 with a status link.
+    pub write_wait: Duration,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Public base URL (e.g. `https://payer.example/`); derived from the request when unset.
+    pub base_url: Option<String>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            topic_prefix: "payerx.".into(),
+            write_wait: Duration::from_secs(5),
+            max_body_bytes: 16 * 1024 * 1024,
+            base_url: None,
+        }
+    }
+}
+
+pub struct AppState {
+    pub log: Arc<dyn Log>,
+    pub store: Arc<ResourceStore>,
+    pub notifier: Arc<WriteNotifier>,
+    pub config: IngestConfig,
+    pub metrics: Option<PrometheusHandle>,
+    /// Set once start-up (topics, migrations) is done.
+    pub ready: Arc<AtomicBool>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// The whole HTTP API.
+pub fn router(state: SharedState) -> Router {
+    let fhir = Router::new()
+        .route("/metadata", get(capability::metadata))
+        .route("/", post(bundle::batch_or_transaction))
+        .route("/_writes/{event_id}", get(write::write_status))
+        .route(
+            "/{rtype}",
+            post(fhir::create).get(fhir::search_not_supported),
+        )
+        .route(
+            "/{rtype}/{id}",
+            get(fhir::read).put(fhir::update).delete(fhir::delete),
+        )
+        .route("/{rtype}/{id}/_history", get(fhir::history))
+        .route("/{rtype}/{id}/_history/{vid}", get(fhir::vread))
+        .fallback(fhir::unknown_route)
+        .method_not_allowed_fallback(fhir::method_not_allowed);
+    Router::new()
+        .nest("/fhir", fhir)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        // Bodies are bounded by our own reader (413 with an OperationOutcome), not axum's default.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn(ops::observe))
+        .with_state(state)
+}

@@ -1,0 +1,45 @@
+//! Projections: consume events, keep views, serve queries. Each projection stores the offsets
+//! it applied in the same database transaction as its rows (`projection_offsets`), so a crash,
+//! a redelivery or a replay never double-applies or loses an event.
+
+pub mod db;
+pub mod outcomes;
+pub mod replay;
+pub mod resources;
+pub mod worker;
+
+pub use db::{Backend, Db};
+pub use outcomes::{EntryOutcome, WriteNotifier, WriteOutcome};
+pub use resources::{ResourceProjection, ResourceStore, StoredResource};
+pub use worker::{Projection, ProjectionWorker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Log(#[from] runtime::LogError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ProjectionError {
+    /// Connection trouble and lock contention are worth retrying; the rest is a defect.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ProjectionError::Db(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                ) || e.to_string().contains("database is locked")
+            }
+            ProjectionError::Log(e) => e.is_retriable(),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! The embedded log: a durable, partitioned log in one SQLite file (WAL mode), behind the same
+//! trait as Kafka. It is the default backend, so it is a product, not a test double:
+//!
+//! - **Durability.** `append` returns after the transaction holding the records has committed
+//!   to the WAL. With `synchronous=NORMAL` (the default) a committed append survives the process
+//!   being killed (`kill -9`); with `fsync` on (`synchronous=FULL`) it also survives power loss.
+//! - **Throughput.** One writer thread owns the write connection and commits every append that
+//!   is waiting in a single transaction (group commit), so concurrent clients share the cost.
+//! - **Several processes** may append to the same file (e.g. `payerx load` next to `payerx
+//!   serve`): offsets are assigned inside the write transaction, and readers also re-check the
+//!   file periodically, not only when this process appended.
+//! - **Consumer groups** have a single member that owns every partition: the embedded log runs on
+//!   one node. Scale out with Kafka.
+//! - **Retention** is forever: the log is the source of truth that views are rebuilt from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::{oneshot, watch};
+
+use crate::log::{Appended, Consumed, Consumer, Log, LogError, Record, TopicSpec};
+use crate::partitioner::partition_for;
+
+/// How often readers look for appends made by other processes while idle.
+const FOREIGN_APPEND_POLL: Duration = Duration::from_millis(50);
+/// Upper bound of records committed in one writer transaction.
+const MAX_RECORDS_PER_COMMIT: usize = 20_000;
+
+pub struct EmbeddedLog {
+    path: PathBuf,
+    writer: mpsc::Sender<WriteCmd>,
+    /// Bumped after every commit, to wake this process's consumers at once.
+    appended: watch::Receiver<u64>,
+    partitions: Mutex<HashMap<String, i32>>,
+}
+
+enum WriteCmd {
+    Append(
+        Vec<Record>,
+        oneshot::Sender<Result<Vec<Appended>, LogError>>,
+    ),
+    Commit(
+        String,
+        Vec<(String, i32, i64)>,
+        oneshot::Sender<Result<(), LogError>>,
+    ),
+    EnsureTopics(Vec<TopicSpec>, oneshot::Sender<Result<(), LogError>>),
+}
+
+fn storage(e: rusqlite::Error) -> LogError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            LogError::Unavailable(e.to_string())
+        }
+        _ => LogError::Storage(e.to_string()),
+    }
+}
+
+fn closed() -> LogError {
+    LogError::Unavailable("embedded log writer stopped".into())
+}
+
+fn open_conn(path: &Path, fsync: bool, read_only: bool) -> Result<Connection, LogError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(storage)?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(storage)?;
+    let sync = if fsync { "FULL" } else { "NORMAL" };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={sync}; PRAGMA cache_size=-65536; PRAGMA mmap_size=268435456; PRAGMA temp_store=MEMORY;"
+    ))
+    .map_err(storage)?;
+    Ok(conn)
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode=WAL;
+CREATE TABLE IF NOT EXISTS topics (
+    name TEXT PRIMARY KEY,
+    partitions INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    headers BLOB NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_offsets (
+    group_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)
+);
+";
+
+impl EmbeddedLog {
+    /// Opens (creating if needed) `<data_dir>/log.sqlite`.
+    pub fn open(data_dir: &Path, fsync: bool) -> Result<EmbeddedLog, LogError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| LogError::Config(format!("data dir {}: {e}", data_dir.display())))?;
+        let path = data_dir.join("log.sqlite");
+        let conn = open_conn(&path, fsync, false)?;
+        conn.execute_batch(SCHEMA).map_err(storage)?;
+        let (tx, rx) = mpsc::channel();
+        let (bump_tx, bump_rx) = watch::channel(0u64);
+        std::thread::Builder::new()
+            .name("payerx-log-writer".into())
+            .spawn(move || writer_loop(conn, rx, bump_tx))
+            .map_err(|e| LogError::Storage(format!("cannot start log writer: {e}")))?;
+        Ok(EmbeddedLog {
+            path,
+            writer: tx,
+            appended: bump_rx,
+            partitions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, LogError>>) -> WriteCmd,
+    ) -> Result<T, LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(make(tx)).map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    fn reader(&self) -> Result<Connection, LogError> {
+        open_conn(&self.path, false, true)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Connection) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let conn = self.reader()?;
+        tokio::task::spawn_blocking(move || f(conn))
+            .await
+            .map_err(|e| LogError::Storage(e.to_string()))?
+    }
+
+    fn consumer(
+        &self,
+        positions: BTreeMap<(String, i32), i64>,
+        group: Option<String>,
+    ) -> Result<EmbeddedConsumer, LogError> {
+        Ok(EmbeddedConsumer {
+            conn: Arc::new(Mutex::new(self.reader()?)),
+            positions,
+            group,
+            writer: self.writer.clone(),
+            appended: self.appended.clone(),
+            rotation: 0,
+        })
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteCmd>, bump: watch::Sender<u64>) {
+    let mut topic_partitions: HashMap<String, i32> = HashMap::new();
+    while let Ok(first) = rx.recv() {
+        // Group commit: take everything already waiting, up to a bound.
+        let mut batch = vec![first];
+        let mut records = 0usize;
+        while records < MAX_RECORDS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(cmd) => {
+                    if let WriteCmd::Append(r, _) = &cmd {
+                        records += r.len();
+                    }
+                    batch.push(cmd)
+                }
+                Err(_) => break,
+            }
+        }
+        let result = apply_batch(&mut conn, &mut topic_partitions, &batch);
+        let ok = result.is_ok();
+        match result {
+            Ok(mut results) => {
+                for (cmd, res) in batch.into_iter().zip(results.drain(..)) {
+                    reply(cmd, res);
+                }
+            }
+            Err(e) => {
+                // Nothing of this batch was committed: every waiter gets the error.
+                let msg = e.to_string();
+                let retriable = e.is_retriable();
+                for cmd in batch {
+                    let err = if retriable {
+                        LogError::Unavailable(msg.clone())
+                    } else {
+                        LogError::Storage(msg.clone())
+                    };
+                    reply(cmd, Err(err));
+                }
+            }
+        }
+        if ok {
+            bump.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+enum CmdResult {
+    Appended(Vec<Appended>),
+    Done,
+    Failed(LogError),
+}
+
+fn reply(cmd: WriteCmd, res: Result<CmdResult, LogError>) {
+    match (cmd, res) {
+        (WriteCmd::Append(_, tx), Ok(CmdResult::Appended(a))) => {
+            let _ = tx.send(Ok(a));
+        }
+        (WriteCmd::Append(_, tx), Ok(CmdResult::Failed(e)) | Err(e)) => {
+            let _ = tx.send(Err(e));
+        }
+        (
+            WriteCmd::Commit(_, _, tx) | WriteCmd::EnsureTopics(_, tx),
+            Ok(CmdResult::Failed(e)) | Err(e),
+        ) => {
+            let _ = tx.send(Err(e));
+        }
+        (WriteCmd::Commit(_, _, tx) | WriteCmd::EnsureTopics(_, tx), Ok(_)) => {
+            let _ = tx.send(Ok(()));
+        }
+        (WriteCmd::Append(_, tx), Ok(CmdResult::Done)) => {
+            let _ = tx.send(Ok(vec![]));
+        }
+    }
+}
+
+/// Applies a batch of commands in one transaction. A command that is invalid on its own (an
+/// unknown topic) fails alone; a storage failure fails the whole batch.
+fn apply_batch(
+    conn: &mut Connection,
+    topic_partitions: &mut HashMap<String, i32>,
+    batch: &[WriteCmd],
+) -> Result<Vec<Result<CmdResult, LogError>>, LogError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(storage)?;
+    let mut out = Vec::with_capacity(batch.len());
+    {
+        let now_ms = (schemas::events::now_micros() / 1000) as i64;
+        let mut next: HashMap<(String, i32), i64> = HashMap::new();
+        let mut insert = tx
+            .prepare_cached("INSERT INTO records (topic, partition, offset, key, value, headers, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+            .map_err(storage)?;
+        let mut max_offset = tx
+            .prepare_cached("SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2")
+            .map_err(storage)?;
+        for cmd in batch {
+            match cmd {
+                WriteCmd::Append(records, _) => {
+                    // Every topic must exist before anything of this append is written.
+                    let mut unknown = None;
+                    for r in records {
+                        if partitions_of(&tx, topic_partitions, &r.topic)?.is_none() {
+                            unknown = Some(r.topic.clone());
+                            break;
+                        }
+                    }
+                    if let Some(topic) = unknown {
+                        out.push(Ok(CmdResult::Failed(LogError::UnknownTopic(topic))));
+                        continue;
+                    }
+                    let mut appended = Vec::with_capacity(records.len());
+                    for r in records {
+                        let parts = topic_partitions.get(&r.topic).copied().unwrap_or(1);
+                        let partition = partition_for(&r.key, parts);
+                        let slot = (r.topic.clone(), partition);
+                        let offset = match next.get(&slot) {
+                            Some(o) => *o,
+                            None => {
+                                // Read inside the write transaction: other processes may append too.
+                                let max: Option<i64> = max_offset
+                                    .query_row(params![r.topic, partition], |row| row.get(0))
+                                    .map_err(storage)?;
+                                max.map_or(0, |m| m + 1)
+                            }
+                        };
+                        next.insert(slot, offset + 1);
+                        insert
+                            .execute(params![
+                                r.topic,
+                                partition,
+                                offset,
+                                r.key,
+                                r.value,
+                                encode_headers(&r.headers),
+                                now_ms
+                            ])
+                            .map_err(storage)?;
+                        appended.push(Appended { partition, offset });
+                    }
+                    out.push(Ok(CmdResult::Appended(appended)));
+                }
+                WriteCmd::Commit(group, offsets, _) => {
+                    let mut stmt = tx
+                        .prepare_cached(
+                            "INSERT INTO group_offsets (group_id, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (group_id, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                        )
+                        .map_err(storage)?;
+                    for (topic, partition, off) in offsets {
+                        stmt.execute(params![group, topic, partition, off])
+                            .map_err(storage)?;
+                    }
+                    out.push(Ok(CmdResult::Done));
+                }
+                WriteCmd::EnsureTopics(specs, _) => {
+                    if let Some(bad) = specs.iter().find(|s| s.partitions < 1) {
+                        out.push(Ok(CmdResult::Failed(LogError::Config(format!(
+                            "topic {}: partitions must be at least 1",
+                            bad.name
+                        )))));
+                        continue;
+                    }
+                    let mut stmt = tx
+                        .prepare_cached("INSERT INTO topics (name, partitions) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING")
+                        .map_err(storage)?;
+                    for s in specs {
+                        stmt.execute(params![s.name, s.partitions])
+                            .map_err(storage)?;
+                    }
+                    out.push(Ok(CmdResult::Done));
+                }
+            }
+        }
+    }
+    tx.commit().map_err(storage)?;
+    Ok(out)
+}
+
+fn partitions_of(
+    conn: &Connection,
+    cache: &mut HashMap<String, i32>,
+    topic: &str,
+) -> Result<Option<i32>, LogError> {
+    if let Some(p) = cache.get(topic) {
+        return Ok(Some(*p));
+    }
+    let p: Option<i32> = conn
+        .query_row(
+            "SELECT partitions FROM topics WHERE name = ?1",
+            [topic],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(storage)?;
+    if let Some(p) = p {
+        cache.insert(topic.to_string(), p);
+    }
+    Ok(p)
+}
+
+/// Headers as `u32 name length, name, u32 value length, value`, repeated.
+fn encode_headers(headers: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in headers {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+fn decode_headers(mut b: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let take = |b: &mut &[u8]| -> Option<Vec<u8>> {
+        if b.len() < 4 {
+            return None;
+        }
+        let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if b.len() < 4 + n {
+            return None;
+        }
+        let v = b[4..4 + n].to_vec();
+        *b = &b[4 + n..];
+        Some(v)
+    };
+    while let (Some(k), Some(v)) = (take(&mut b), take(&mut b)) {
+        out.push((String::from_utf8_lossy(&k).into_owned(), v));
+    }
+    out
+}
+
+#[async_trait]
+impl Log for EmbeddedLog {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), LogError> {
+        let specs = topics.to_vec();
+        self.send(|tx| WriteCmd::EnsureTopics(specs, tx)).await
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<i32, LogError> {
+        if let Some(p) = self.partitions.lock().map_err(|_| closed())?.get(topic) {
+            return Ok(*p);
+        }
+        let t = topic.to_string();
+        let p = self
+            .blocking(move |c| {
+                c.query_row("SELECT partitions FROM topics WHERE name = ?1", [&t], |r| {
+                    r.get::<_, i32>(0)
+                })
+                .optional()
+                .map_err(storage)
+            })
+            .await?
+            .ok_or_else(|| LogError::UnknownTopic(topic.to_string()))?;
+        self.partitions
+            .lock()
+            .map_err(|_| closed())?
+            .insert(topic.to_string(), p);
+        Ok(p)
+    }
+
+    async fn append(&self, records: Vec<Record>) -> Result<Vec<Appended>, LogError> {
+        if records.is_empty() {
+            return Ok(vec![]);
+        }
+        self.send(|tx| WriteCmd::Append(records, tx)).await
+    }
+
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
+        let parts = self.partitions(topic).await?;
+        let t = topic.to_string();
+        self.blocking(move |c| {
+            let mut stmt = c
+                .prepare("SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2")
+                .map_err(storage)?;
+            (0..parts)
+                .map(|p| {
+                    stmt.query_row(params![t, p], |r| r.get::<_, Option<i64>>(0))
+                        .map(|m| m.map_or(0, |m| m + 1))
+                        .map_err(storage)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn assigned_consumer(
+        &self,
+        assignment: &[(String, i32, i64)],
+    ) -> Result<Box<dyn Consumer>, LogError> {
+        let positions = assignment
+            .iter()
+            .map(|(t, p, o)| ((t.clone(), *p), *o))
+            .collect();
+        Ok(Box::new(self.consumer(positions, None)?))
+    }
+
+    async fn group_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Box<dyn Consumer>, LogError> {
+        let mut positions = BTreeMap::new();
+        for t in topics {
+            let parts = self.partitions(t).await?;
+            for p in 0..parts {
+                positions.insert((t.clone(), p), 0);
+            }
+        }
+        let g = group.to_string();
+        let committed: Vec<(String, i32, i64)> = self
+            .blocking(move |c| {
+                let mut stmt = c.prepare("SELECT topic, partition, next_offset FROM group_offsets WHERE group_id = ?1").map_err(storage)?;
+                let rows = stmt.query_map([g], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(storage)?;
+                rows.collect::<Result<_, _>>().map_err(storage)
+            })
+            .await?;
+        for (t, p, o) in committed {
+            if let Some(pos) = positions.get_mut(&(t, p)) {
+                *pos = o;
+            }
+        }
+        Ok(Box::new(self.consumer(positions, Some(group.to_string()))?))
+    }
+}
+
+pub struct EmbeddedConsumer {
+    conn: Arc<Mutex<Connection>>,
+    positions: BTreeMap<(String, i32), i64>,
+    group: Option<String>,
+    writer: mpsc::Sender<WriteCmd>,
+    appended: watch::Receiver<u64>,
+    rotation: usize,
+}
+
+impl EmbeddedConsumer {
+    async fn read(&mut self, max: usize) -> Result<Vec<Consumed>, LogError> {
+        let conn = self.conn.clone();
+        // Start at a different partition each poll, so a busy partition cannot starve the rest.
+        self.rotation = self.rotation.wrapping_add(1);
+        let mut positions: Vec<((String, i32), i64)> = self
+            .positions
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        if !positions.is_empty() {
+            let n = positions.len();
+            positions.rotate_left(self.rotation % n);
+        }
+        tokio::task::spawn_blocking(move || {
+            let conn = conn
+                .lock()
+                .map_err(|_| LogError::Storage("reader poisoned".into()))?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT offset, key, value, headers, ts_ms FROM records
+                     WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
+                )
+                .map_err(storage)?;
+            let mut out = Vec::new();
+            // One read transaction, so every partition is read from the same snapshot.
+            conn.execute_batch("BEGIN").map_err(storage)?;
+            for ((topic, partition), from) in &positions {
+                let rows = stmt
+                    .query_map(
+                        params![topic, partition, from, (max - out.len()) as i64],
+                        |r| {
+                            Ok(Consumed {
+                                topic: topic.clone(),
+                                partition: *partition,
+                                offset: r.get(0)?,
+                                key: r.get(1)?,
+                                value: r.get(2)?,
+                                headers: decode_headers(&r.get::<_, Vec<u8>>(3)?),
+                                timestamp_ms: r.get(4)?,
+                            })
+                        },
+                    )
+                    .map_err(storage)?;
+                for row in rows {
+                    out.push(row.map_err(storage)?);
+                }
+                if out.len() >= max {
+                    break;
+                }
+            }
+            conn.execute_batch("COMMIT").map_err(storage)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| LogError::Storage(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl Consumer for EmbeddedConsumer {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<Consumed>, LogError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            // Mark the current commit count as seen before reading, so an append that lands
+            // between the read and the wait still wakes us.
+            self.appended.borrow_and_update();
+            let out = self.read(max).await?;
+            if !out.is_empty() {
+                for r in &out {
+                    self.positions
+                        .insert((r.topic.clone(), r.partition), r.offset + 1);
+                }
+                return Ok(out);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(out);
+            }
+            let nap = (deadline - now).min(FOREIGN_APPEND_POLL);
+            let _ = tokio::time::timeout(nap, self.appended.changed()).await;
+        }
+    }
+
+    async fn commit(&mut self, offsets: &[(String, i32, i64)]) -> Result<(), LogError> {
+        let Some(group) = self.group.clone() else {
+            return Ok(()); // assigned consumers keep their offsets elsewhere (projections)
+        };
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(WriteCmd::Commit(group, offsets.to_vec(), tx))
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    async fn log_with_topic(dir: &Path) -> EmbeddedLog {
+        let log = EmbeddedLog::open(dir, false).unwrap();
+        log.ensure_topics(&[TopicSpec {
+            name: "t".into(),
+            partitions: 3,
+        }])
+        .await
+        .unwrap();
+        log
+    }
+
+    #[tokio::test]
+    async fn append_read_back_in_partition_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with_topic(dir.path()).await;
+        let records: Vec<Record> = (0..300)
+            .map(|i| {
+                Record::new("t", format!("k{}", i % 7), format!("v{i}").into_bytes())
+                    .header("h", format!("{i}"))
+            })
+            .collect();
+        let acks = log.append(records.clone()).await.unwrap();
+        for (r, a) in records.iter().zip(&acks) {
+            assert_eq!(a.partition, partition_for(&r.key, 3));
+        }
+        assert_eq!(log.end_offsets("t").await.unwrap().iter().sum::<i64>(), 300);
+        let mut c = log
+            .assigned_consumer(&[("t".into(), 0, 0), ("t".into(), 1, 0), ("t".into(), 2, 0)])
+            .await
+            .unwrap();
+        let mut got = vec![];
+        while got.len() < 300 {
+            got.extend(c.poll(64, Duration::from_millis(200)).await.unwrap());
+        }
+        // Per key, values come back in append order.
+        for k in 0..7 {
+            let key = format!("k{k}");
+            let vals: Vec<i32> = got
+                .iter()
+                .filter(|r| r.key == key)
+                .map(|r| {
+                    String::from_utf8(r.value.clone()).unwrap()[1..]
+                        .parse()
+                        .unwrap()
+                })
+                .collect();
+            let mut sorted = vals.clone();
+            sorted.sort();
+            assert_eq!(vals, sorted);
+            assert!(got
+                .iter()
+                .filter(|r| r.key == key)
+                .all(|r| r.header("h").is_some()));
+        }
+        assert!(c
+            .poll(10, Duration::from_millis(20))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_topic_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with_topic(dir.path()).await;
+        let err = log
+            .append(vec![Record::new("nope", "k", vec![1])])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LogError::UnknownTopic(_)));
+        // The writer still works afterwards.
+        log.append(vec![Record::new("t", "k", vec![1])])
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn group_resumes_after_commit_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = log_with_topic(dir.path()).await;
+            log.append((0..10).map(|i| Record::new("t", "same", vec![i])).collect())
+                .await
+                .unwrap();
+            let mut c = log.group_consumer("g", &["t".into()]).await.unwrap();
+            let first = c.poll(4, Duration::from_millis(100)).await.unwrap();
+            assert_eq!(first.len(), 4);
+            let last = first.last().unwrap();
+            c.commit(&[(last.topic.clone(), last.partition, last.offset + 1)])
+                .await
+                .unwrap();
+        }
+        let log = EmbeddedLog::open(dir.path(), false).unwrap();
+        let mut c = log.group_consumer("g", &["t".into()]).await.unwrap();
+        let rest = c.poll(100, Duration::from_millis(100)).await.unwrap();
+        assert_eq!(
+            rest.iter().map(|r| r.value[0]).collect::<Vec<_>>(),
+            (4..10).collect::<Vec<u8>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_get_distinct_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(log_with_topic(dir.path()).await);
+        let mut tasks = vec![];
+        for t in 0..16 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut acks = vec![];
+                for i in 0..50 {
+                    acks.extend(
+                        log.append(vec![Record::new("t", "one-key", vec![t, i])])
+                            .await
+                            .unwrap(),
+                    );
+                }
+                acks
+            }));
+        }
+        let mut offsets: Vec<i64> = vec![];
+        for t in tasks {
+            offsets.extend(t.await.unwrap().iter().map(|a| a.offset));
+        }
+        offsets.sort();
+        assert_eq!(offsets, (0..800).collect::<Vec<i64>>());
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let h = vec![("a".to_string(), b"1".to_vec()), ("bb".to_string(), vec![])];
+        assert_eq!(decode_headers(&encode_headers(&h)), h);
+    }
+}

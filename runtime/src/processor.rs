@@ -1,0 +1,232 @@
+//! The runtime that moves events through processors. A processor is a pure function from one
+//! input record to output records; this loop owns everything else: consuming in a group,
+//! retrying what may succeed later, dead-lettering what never will, appending outputs and only
+//! then committing the input offsets (at-least-once; outputs carry deterministic ids so
+//! consumers dedupe a redelivery).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use schemas::topics::headers;
+use tokio_util::sync::CancellationToken;
+
+use crate::log::{Consumed, Log, LogError, Record};
+
+/// Why a processor could not handle a record.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProcessError {
+    /// May succeed later (a dependency is down): the runtime backs off and retries the record.
+    #[error("retriable: {0}")]
+    Retriable(String),
+    /// Never will succeed: the record goes to the stage's dead-letter topic with the reason.
+    #[error("permanent: {reason}")]
+    Permanent {
+        reason: String,
+        /// A FHIR OperationOutcome (JSON) for the submitter, carried in a header.
+        outcome: Option<String>,
+    },
+}
+
+/// A pure stream processor.
+pub trait Processor: Send + Sync + 'static {
+    /// Stage name; the consumer group is `{group_prefix}{name}`.
+    fn name(&self) -> &str;
+    /// Full names of the topics it reads.
+    fn inputs(&self) -> Vec<String>;
+    /// Full name of its dead-letter topic.
+    fn dead_letter_topic(&self) -> String;
+    /// The outputs for one input. Must be deterministic (same input, same outputs) so a
+    /// redelivery is harmless.
+    fn process(&self, input: &Consumed) -> Result<Vec<Record>, ProcessError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub group_prefix: String,
+    pub max_batch: usize,
+    pub poll_wait: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            group_prefix: "payerx.".into(),
+            max_batch: 2000,
+            poll_wait: Duration::from_millis(200),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The dead-letter copy of a record: same key and value, original headers plus the reason.
+pub fn dead_letter(
+    input: &Consumed,
+    dlq_topic: &str,
+    stage: &str,
+    reason: &str,
+    outcome: Option<&str>,
+) -> Record {
+    let mut r = Record {
+        topic: dlq_topic.to_string(),
+        key: input.key.clone(),
+        value: input.value.clone(),
+        headers: input.headers.clone(),
+    };
+    r.headers
+        .push((headers::ERROR_REASON.into(), reason.as_bytes().to_vec()));
+    r.headers
+        .push((headers::ERROR_STAGE.into(), stage.as_bytes().to_vec()));
+    r.headers.push((
+        headers::ERROR_SOURCE.into(),
+        input.coordinates().into_bytes(),
+    ));
+    if let Some(o) = outcome {
+        r.headers
+            .push((headers::ERROR_OUTCOME.into(), o.as_bytes().to_vec()));
+    }
+    r
+}
+
+/// Runs `processor` until `shutdown` is cancelled. On cancellation it finishes the batch in hand
+/// (outputs appended, offsets committed) and returns: SIGTERM drains, it does not drop work.
+pub async fn run(
+    log: Arc<dyn Log>,
+    processor: Arc<dyn Processor>,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<(), LogError> {
+    let stage = processor.name().to_string();
+    let group = format!("{}{}", opts.group_prefix, stage);
+    let inputs = processor.inputs();
+    let mut consumer = retry(&opts, &shutdown, || log.group_consumer(&group, &inputs)).await?;
+    let dlq = processor.dead_letter_topic();
+    tracing::info!(stage, group, "processor started");
+    while !shutdown.is_cancelled() {
+        let batch = tokio::select! {
+            r = consumer.poll(opts.max_batch, opts.poll_wait) => r,
+            _ = shutdown.cancelled() => break,
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) if e.is_retriable() => {
+                tracing::warn!(stage, error = %e, "poll failed, retrying");
+                tokio::time::sleep(opts.initial_backoff).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let mut outputs = Vec::new();
+        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut interrupted = false;
+        for input in &batch {
+            let mut backoff = opts.initial_backoff;
+            let result = loop {
+                match processor.process(input) {
+                    Err(ProcessError::Retriable(msg)) => {
+                        metrics::counter!("payerx_processor_retries_total", "stage" => stage.clone()).increment(1);
+                        tracing::warn!(
+                            stage,
+                            source = input.coordinates(),
+                            error = msg,
+                            ?backoff,
+                            "retriable failure"
+                        );
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.cancelled() => break None,
+                        }
+                        backoff = (backoff * 2).min(opts.max_backoff);
+                    }
+                    Ok(outs) => break Some(Ok(outs)),
+                    Err(ProcessError::Permanent { reason, outcome }) => {
+                        break Some(Err((reason, outcome)))
+                    }
+                }
+            };
+            match result {
+                None => {
+                    // Stop before this record: it is neither processed nor committed.
+                    interrupted = true;
+                    break;
+                }
+                Some(Ok(outs)) => outputs.extend(outs),
+                Some(Err((reason, outcome))) => {
+                    metrics::counter!("payerx_dead_letters_total", "stage" => stage.clone())
+                        .increment(1);
+                    tracing::info!(stage, source = input.coordinates(), reason, "dead-lettered");
+                    outputs.push(dead_letter(
+                        input,
+                        &dlq,
+                        &stage,
+                        &reason,
+                        outcome.as_deref(),
+                    ));
+                }
+            }
+            metrics::counter!("payerx_events_consumed_total", "topic" => input.topic.clone(), "consumer" => stage.clone()).increment(1);
+            next.insert((input.topic.clone(), input.partition), input.offset + 1);
+        }
+        let outputs_ref = &outputs;
+        if !outputs.is_empty() {
+            retry(&opts, &CancellationToken::new(), || {
+                log.append(outputs_ref.clone())
+            })
+            .await?;
+            for r in &outputs {
+                metrics::counter!("payerx_events_appended_total", "topic" => r.topic.clone())
+                    .increment(1);
+            }
+        }
+        let offsets: Vec<(String, i32, i64)> =
+            next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+        if !offsets.is_empty() {
+            let mut backoff = opts.initial_backoff;
+            loop {
+                match consumer.commit(&offsets).await {
+                    Err(e) if e.is_retriable() => {
+                        tracing::warn!(stage, error = %e, "offset commit failed, retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(opts.max_backoff);
+                    }
+                    other => break other?,
+                }
+            }
+        }
+        if interrupted {
+            break;
+        }
+    }
+    tracing::info!(stage, "processor stopped");
+    Ok(())
+}
+
+/// Retries a log operation with exponential backoff while it fails with a retriable error.
+/// Gives up early only when `cancel` fires.
+pub async fn retry<T, F, Fut>(
+    opts: &RunOptions,
+    cancel: &CancellationToken,
+    mut f: F,
+) -> Result<T, LogError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, LogError>>,
+{
+    let mut backoff = opts.initial_backoff;
+    loop {
+        match f().await {
+            Err(e) if e.is_retriable() && !cancel.is_cancelled() => {
+                tracing::warn!(error = %e, ?backoff, "log operation failed, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(opts.max_backoff);
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The schema table: every published `.avsc`, its Confluent schema id, and the typed codec.
+//!
+//! payerx does not need a Schema Registry: ids are fixed here and published in the README
+//! (id = 100 × family + version), so a consumer outside payerx decodes any topic with the
+//! `.avsc` files alone. A deployment that runs a Confluent Schema Registry can register the same
+//! files under the same ids.
+
+use std::sync::OnceLock;
+
+use apache_avro::{from_avro_datum, from_value, to_avro_datum, to_value, Schema};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{wire, ResourceChanged, SchemaError};
+
+pub struct SchemaInfo {
+    /// Confluent schema id written in the frame.
+    pub id: u32,
+    /// Record name (the event type).
+    pub name: &'static str,
+    pub version: i32,
+    /// Path of the `.avsc` relative to `schemas/avro/`.
+    pub file: &'static str,
+    pub avsc: &'static str,
+    parsed: OnceLock<Schema>,
+}
+
+impl SchemaInfo {
+    const fn new(
+        id: u32,
+        name: &'static str,
+        version: i32,
+        file: &'static str,
+        avsc: &'static str,
+    ) -> Self {
+        SchemaInfo {
+            id,
+            name,
+            version,
+            file,
+            avsc,
+            parsed: OnceLock::new(),
+        }
+    }
+
+    /// The parsed schema. The `.avsc` files are compiled in and checked by tests, so a parse
+    /// failure is a build defect, not a runtime condition.
+    pub fn schema(&self) -> &Schema {
+        self.parsed.get_or_init(|| {
+            #[allow(clippy::expect_used)]
+            Schema::parse_str(self.avsc).expect("compiled-in .avsc parses (checked by tests)")
+        })
+    }
+}
+
+/// Every schema version ever published, oldest first within a name. Never remove or edit an
+/// entry: add a new version with defaults for its new fields.
+pub static SCHEMAS: [SchemaInfo; 1] = [SchemaInfo::new(
+    101,
+    "ResourceChanged",
+    1,
+    "resource-changed/v1.avsc",
+    include_str!("../avro/resource-changed/v1.avsc"),
+)];
+
+pub fn by_id(id: u32) -> Option<&'static SchemaInfo> {
+    SCHEMAS.iter().find(|s| s.id == id)
+}
+
+/// The newest version of a schema name (what payerx writes and reads into).
+pub fn latest(name: &str) -> Option<&'static SchemaInfo> {
+    SCHEMAS
+        .iter()
+        .filter(|s| s.name == name)
+        .max_by_key(|s| s.version)
+}
+
+/// A typed event with a published schema.
+pub trait Event: Serialize + DeserializeOwned {
+    const NAME: &'static str;
+}
+
+impl Event for ResourceChanged {
+    const NAME: &'static str = ResourceChanged::EVENT_TYPE;
+}
+
+/// Encodes with the newest schema of `E`, framed the Confluent way.
+pub fn encode_event<E: Event>(event: &E) -> Result<Vec<u8>, SchemaError> {
+    let info =
+        latest(E::NAME).ok_or_else(|| SchemaError::Avro(format!("no schema named {}", E::NAME)))?;
+    let value = to_value(event)?.resolve(info.schema())?;
+    let datum = to_avro_datum(info.schema(), value)?;
+    Ok(wire::frame(info.id, &datum))
+}
+
+/// Decodes a framed value written with any version of `E`'s schema into the newest shape.
+pub fn decode_event<E: Event>(bytes: &[u8]) -> Result<E, SchemaError> {
+    let (id, datum) = wire::unframe(bytes)?;
+    let writer = by_id(id).ok_or(SchemaError::UnknownSchemaId(id))?;
+    if writer.name != E::NAME {
+        return Err(SchemaError::Avro(format!(
+            "schema id {id} is {}, expected {}",
+            writer.name,
+            E::NAME
+        )));
+    }
+    let reader = latest(E::NAME).unwrap_or(writer);
+    let mut cursor = datum;
+    let value = from_avro_datum(writer.schema(), &mut cursor, Some(reader.schema()))?;
+    Ok(from_value::<E>(&value)?)
+}
+
+/// Decodes any framed payerx value into JSON (for `payerx events`), whatever its type.
+pub fn decode_to_json(bytes: &[u8]) -> Result<(u32, &'static str, serde_json::Value), SchemaError> {
+    let (id, datum) = wire::unframe(bytes)?;
+    let writer = by_id(id).ok_or(SchemaError::UnknownSchemaId(id))?;
+    let mut cursor = datum;
+    let value = from_avro_datum(writer.schema(), &mut cursor, None)?;
+    Ok((id, writer.name, avro_to_json(value)))
+}
+
+/// Plain JSON for any Avro value: unions unwrapped, enums as their symbol, timestamps as numbers.
+fn avro_to_json(v: apache_avro::types::Value) -> serde_json::Value {
+    use apache_avro::types::Value as A;
+    use serde_json::Value as J;
+    match v {
+        A::Null => J::Null,
+        A::Boolean(b) => J::Bool(b),
+        A::Int(i) | A::Date(i) | A::TimeMillis(i) => J::from(i),
+        A::Long(i) | A::TimeMicros(i) | A::TimestampMillis(i) | A::TimestampMicros(i) => J::from(i),
+        A::LocalTimestampMillis(i) | A::LocalTimestampMicros(i) => J::from(i),
+        A::Float(f) => J::from(f),
+        A::Double(f) => J::from(f),
+        A::String(s) | A::Enum(_, s) => J::String(s),
+        A::Uuid(u) => J::String(u.to_string()),
+        A::Bytes(b) | A::Fixed(_, b) => J::String(String::from_utf8_lossy(&b).into_owned()),
+        A::Union(_, inner) => avro_to_json(*inner),
+        A::Array(items) => J::Array(items.into_iter().map(avro_to_json).collect()),
+        A::Map(m) => J::Object(m.into_iter().map(|(k, v)| (k, avro_to_json(v))).collect()),
+        A::Record(fields) => J::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k, avro_to_json(v)))
+                .collect(),
+        ),
+        other => J::String(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::*;
+    use apache_avro::schema_compatibility::SchemaCompatibility;
+
+    fn sample() -> ResourceChanged {
+        ResourceChanged {
+            envelope: Envelope::new(
+                "ResourceChanged",
+                1,
+                "corr-1".into(),
+                Some("client-a".into()),
+            ),
+            mode: WriteMode::Transaction,
+            changes: vec![
+                ResourceChange {
+                    action: ChangeAction::Upsert,
+                    resource_type: "Patient".into(),
+                    resource_id: "p1".into(),
+                    resource: Some(r#"{"resourceType":"Patient","id":"p1"}"#.into()),
+                    if_match: Some(3),
+                    created: false,
+                },
+                ResourceChange {
+                    action: ChangeAction::Delete,
+                    resource_type: "Coverage".into(),
+                    resource_id: "c1".into(),
+                    resource: None,
+                    if_match: None,
+                    created: false,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn every_schema_parses_and_ids_are_unique() {
+        let mut ids = std::collections::HashSet::new();
+        for s in &SCHEMAS {
+            assert!(ids.insert(s.id), "duplicate schema id {}", s.id);
+            assert_eq!(
+                s.id,
+                100 * (s.id / 100) + s.version as u32,
+                "id scheme for {}",
+                s.file
+            );
+            let parsed = Schema::parse_str(s.avsc).unwrap_or_else(|e| panic!("{}: {e}", s.file));
+            assert_eq!(parsed.name().map(|n| n.name.as_str()), Some(s.name));
+        }
+    }
+
+    /// Evolution rule: every version of a schema reads data written with every older version.
+    #[test]
+    fn every_version_reads_every_older_one() {
+        for newer in &SCHEMAS {
+            for older in SCHEMAS
+                .iter()
+                .filter(|o| o.name == newer.name && o.version <= newer.version)
+            {
+                let r = SchemaCompatibility::can_read(older.schema(), newer.schema());
+                assert!(
+                    r.is_ok(),
+                    "{} v{} cannot read v{}: {r:?}",
+                    newer.name,
+                    newer.version,
+                    older.version
+                );
+            }
+        }
+    }
+
+    /// The compatibility check above is not vacuous: a new field without a default is caught.
+    #[test]
+    fn compatibility_check_catches_a_breaking_change() {
+        let info = latest("ResourceChanged").expect("schema");
+        let broken = info.avsc.replacen(
+            r#""fields": ["#,
+            r#""fields": [{"name": "added_without_default", "type": "string"},"#,
+            1,
+        );
+        let broken = Schema::parse_str(&broken).expect("parses");
+        assert!(SchemaCompatibility::can_read(info.schema(), &broken).is_err());
+    }
+
+    #[test]
+    fn round_trip_with_confluent_framing() {
+        let ev = sample();
+        let bytes = encode_event(&ev).expect("encode");
+        assert_eq!(bytes[0], 0);
+        assert_eq!(
+            u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
+            101
+        );
+        let back: ResourceChanged = decode_event(&bytes).expect("decode");
+        assert_eq!(back, ev);
+        let (_, name, json) = decode_to_json(&bytes).expect("json");
+        assert_eq!(name, "ResourceChanged");
+        assert_eq!(json["changes"][1]["action"], "DELETE");
+        assert_eq!(json["envelope"]["client_id"], "client-a");
+    }
+
+    #[test]
+    fn unknown_schema_id_is_an_error() {
+        let bytes = wire::frame(999, &[0]);
+        assert!(matches!(
+            decode_event::<ResourceChanged>(&bytes),
+            Err(SchemaError::UnknownSchemaId(999))
+        ));
+    }
+}

@@ -1,0 +1,39 @@
+//! Topic names and their keys. The prefix is configurable (`--topic-prefix`), so several payerx
+//! installations can share one Kafka cluster; names below are relative to it.
+
+/// Writes as received by ingest (or produced by the payer's own systems), before validation.
+/// Key: `{resourceType}/{id}` for single writes and batch entries, `Bundle/{transaction id}` for
+/// transactions.
+pub const FHIR_SUBMISSIONS: &str = "fhir.submissions";
+/// Validated writes, the input of the resource projection. Same key as the submissions.
+pub const FHIR_CHANGES: &str = "fhir.changes";
+/// Dead letters of the validate processor: the original value, with the reason in headers.
+pub const VALIDATE_DLQ: &str = "fhir.submissions.dlq";
+
+/// Every topic payerx creates at start-up, with its value schema name (DLQs carry the value of
+/// their input topic).
+pub const ALL: &[(&str, &str)] = &[
+    (FHIR_SUBMISSIONS, "ResourceChanged"),
+    (FHIR_CHANGES, "ResourceChanged"),
+    (VALIDATE_DLQ, "ResourceChanged"),
+];
+
+/// Header names used on every record. Values are UTF-8.
+pub mod headers {
+    pub const EVENT_TYPE: &str = "payerx.event-type";
+    pub const CORRELATION_ID: &str = "payerx.correlation-id";
+    pub const EVENT_ID: &str = "payerx.event-id";
+    /// Dead letters: why the record could not be processed.
+    pub const ERROR_REASON: &str = "payerx.error.reason";
+    /// Dead letters: the stage that refused it.
+    pub const ERROR_STAGE: &str = "payerx.error.stage";
+    /// Dead letters: JSON OperationOutcome describing the problem.
+    pub const ERROR_OUTCOME: &str = "payerx.error.outcome";
+    /// Dead letters: where the record came from, `topic/partition/offset`.
+    pub const ERROR_SOURCE: &str = "payerx.error.source";
+}
+
+/// A full topic name: `prefix` + relative name. An empty prefix is allowed.
+pub fn full(prefix: &str, name: &str) -> String {
+    format!("{prefix}{name}")
+}

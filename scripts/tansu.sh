@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# A throwaway Kafka-protocol broker (tansu, in-memory storage) for the integration tests.
+#   scripts/tansu.sh install      build tansu once (15-20 min on 2 cores), reused afterwards
+#   scripts/tansu.sh start DIR    start it on a free port; prints 127.0.0.1:PORT
+#   scripts/tansu.sh stop DIR     stop the broker started in DIR
+set -euo pipefail
+
+tansu_bin() {
+    if command -v tansu >/dev/null 2>&1; then
+        command -v tansu
+    elif [[ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]]; then
+        echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+    else
+        return 1
+    fi
+}
+
+install() {
+    if bin=$(tansu_bin); then
+        echo "tansu already installed: $bin" >&2
+        return 0
+    fi
+    cargo install tansu --locked --features dynostore,libsql,postgres
+}
+
+start() {
+    local dir=$1 bin port
+    bin=$(tansu_bin) || { echo "tansu not found: run '$0 install' first" >&2; exit 1; }
+    mkdir -p "$dir"
+    if [[ -f "$dir/tansu.pid" ]] && kill -0 "$(cat "$dir/tansu.pid")" 2>/dev/null; then
+        echo "tansu already running from $dir (pid $(cat "$dir/tansu.pid"))" >&2
+        exit 1
+    fi
+    # Port 0 lets the kernel pick a free port; tiny race until tansu binds it, fine for tests.
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    nohup "$bin" broker \
+        --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" \
+        --storage-engine "memory://tansu/" \
+        >"$dir/tansu.log" 2>&1 </dev/null &
+    echo $! >"$dir/tansu.pid"
+
+    local deadline=$((SECONDS + 30))
+    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+        if ! kill -0 "$(cat "$dir/tansu.pid")" 2>/dev/null || ((SECONDS >= deadline)); then
+            echo "tansu did not come up on 127.0.0.1:$port; last lines of $dir/tansu.log:" >&2
+            tail -n 30 "$dir/tansu.log" >&2 || true
+            stop "$dir"
+            exit 1
+        fi
+        sleep 0.2
+    done
+    echo "127.0.0.1:$port"
+}
+
+stop() {
+    local dir=$1 pid
+    [[ -f "$dir/tansu.pid" ]] || return 0
+    pid=$(cat "$dir/tansu.pid")
+    if kill "$pid" 2>/dev/null; then
+        # Bounded wait for a clean exit, then force it.
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$dir/tansu.pid"
+}
+
+case "${1:-}" in
+    install) install ;;
+    start) start "${2:?usage: $0 start DIR}" ;;
+    stop) stop "${2:?usage: $0 stop DIR}" ;;
+    *) echo "usage: $0 install | start DIR | stop DIR" >&2; exit 2 ;;
+esac

@@ -1,0 +1,194 @@
+//! One payerx process: the roles chosen in configuration, wired to the same log and views.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use ingest::{AppState, IngestConfig};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use processors::ValidateProcessor;
+use projections::resources::ResourceProjection;
+use projections::{ProjectionWorker, ResourceStore, WriteNotifier};
+use runtime::processor::RunOptions;
+use runtime::Log;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Role, ServeArgs};
+
+/// The process-wide Prometheus recorder (installed once, shared by every App in a process).
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+/// A running payerx.
+pub struct App {
+    /// Where the HTTP API listens (when the ingest role runs).
+    pub addr: Option<SocketAddr>,
+    pub log: Arc<dyn Log>,
+    pub store: Arc<ResourceStore>,
+    pub shutdown: CancellationToken,
+    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+}
+
+impl App {
+    pub async fn start(args: ServeArgs) -> anyhow::Result<App> {
+        let backend = &args.backend;
+        let log = backend.open_log().await?;
+        let db = backend.open_db().await?;
+        let prefix = backend.topic_prefix.clone();
+        let store = Arc::new(ResourceStore::new(db.clone(), &prefix));
+        let notifier = Arc::new(WriteNotifier::default());
+        let shutdown = CancellationToken::new();
+        let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+
+        if args.roles.contains(&Role::Processors) {
+            let (log, stop) = (log.clone(), shutdown.clone());
+            let opts = RunOptions {
+                group_prefix: prefix.clone(),
+                ..RunOptions::default()
+            };
+            let p = Arc::new(ValidateProcessor::new(&prefix));
+            tasks.push((
+                "validate",
+                tokio::spawn(async move { Ok(runtime::processor::run(log, p, opts, stop).await?) }),
+            ));
+        }
+        if args.roles.contains(&Role::Projections) {
+            let worker = ProjectionWorker {
+                db: db.clone(),
+                log: log.clone(),
+                projection: Arc::new(ResourceProjection::new(&prefix)),
+                notifier: Some(notifier.clone()),
+                max_batch: 2000,
+            };
+            let stop = shutdown.clone();
+            tasks.push((
+                "resource-projection",
+                tokio::spawn(async move { Ok(worker.run(stop).await?) }),
+            ));
+        }
+        let mut addr = None;
+        if args.roles.contains(&Role::Ingest) {
+            let ready = Arc::new(AtomicBool::new(false));
+            let state = Arc::new(AppState {
+                log: log.clone(),
+                store: store.clone(),
+                notifier,
+                config: IngestConfig {
+                    topic_prefix: prefix.clone(),
+                    write_wait: args.write_wait(),
+                    max_body_bytes: args.max_body_bytes,
+                    base_url: args.base_url.clone(),
+                },
+                metrics: metrics_handle(),
+                ready: ready.clone(),
+            });
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?;
+            addr = Some(listener.local_addr()?);
+            let stop = shutdown.clone();
+            let app = ingest::router(state);
+            tasks.push((
+                "http",
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await?;
+                    Ok(())
+                }),
+            ));
+            ready.store(true, Ordering::Release);
+        }
+        tracing::info!(?addr, log = log.backend(), views = ?db.backend, roles = ?args.roles, "payerx started");
+        Ok(App {
+            addr,
+            log,
+            store,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Base URL of the HTTP API, e.g. `http://127.0.0.1:8080`.
+    pub fn base_url(&self) -> String {
+        self.addr.map(|a| format!("http://{a}")).unwrap_or_default()
+    }
+
+    /// Stops every role: in-flight batches finish, offsets are stored, the listener closes.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let mut first_err = None;
+        for (name, t) in self.tasks {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(task = name, error = %e, "role failed");
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(anyhow::anyhow!("{name} panicked: {e}"));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Runs until SIGTERM/SIGINT or until a role stops with an error.
+    pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
+        let failed = {
+            let watch = futures::future::select_all(self.tasks.iter_mut().map(|(_, t)| t));
+            tokio::select! {
+                _ = shutdown_signal() => None,
+                (res, idx, _) = watch => Some((idx, res)),
+            }
+        };
+        if let Some((idx, res)) = failed {
+            let name = self.tasks[idx].0;
+            self.tasks.remove(idx);
+            self.shutdown.cancel();
+            let _ = self.stop().await;
+            return match res {
+                Ok(Ok(())) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
+                Ok(Err(e)) => Err(e.context(format!("{name} failed"))),
+                Err(e) => Err(anyhow::anyhow!("{name} panicked: {e}")),
+            };
+        }
+        tracing::info!("shutting down: draining in-flight work");
+        self.stop().await
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

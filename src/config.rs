@@ -1,0 +1,171 @@
+//! Typed configuration: every flag has a `PAYERX_*` environment equivalent and a default that
+//! works on a fresh machine (embedded log, SQLite views, `./data`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use projections::Db;
+use runtime::{Log, LogConfig, TopicSpec};
+
+/// Where events and views live. Shared by `serve`, `load`, `events` and `replay`.
+#[derive(Debug, Clone, Args)]
+pub struct BackendArgs {
+    /// Folder for the embedded log, the SQLite views and blobs.
+    #[arg(long, env = "PAYERX_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Kafka bootstrap servers (host:port,…); the embedded log is used when unset.
+    #[arg(long, env = "PAYERX_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Extra librdkafka settings, `key=value`, repeatable (e.g. security.protocol=SASL_SSL).
+    #[arg(
+        long = "kafka-config",
+        env = "PAYERX_KAFKA_CONFIG",
+        value_delimiter = ','
+    )]
+    pub kafka_config: Vec<String>,
+    /// Views database: `postgres://…` or `sqlite://…`; `<data-dir>/views.sqlite` when unset.
+    #[arg(long, env = "PAYERX_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Prefix of every topic name (and of consumer groups).
+    #[arg(long, env = "PAYERX_TOPIC_PREFIX", default_value = "payerx.")]
+    pub topic_prefix: String,
+    /// Partitions of the topics payerx creates at start-up (existing topics are kept).
+    #[arg(long, env = "PAYERX_PARTITIONS", default_value_t = 6)]
+    pub partitions: i32,
+    /// Replication factor of the topics payerx creates (Kafka only).
+    #[arg(long, env = "PAYERX_REPLICATION_FACTOR", default_value_t = 1)]
+    pub replication_factor: i16,
+    /// Embedded log: fsync every commit (survives power loss, not only process crashes).
+    #[arg(long, env = "PAYERX_LOG_FSYNC", default_value_t = false)]
+    pub log_fsync: bool,
+    /// Connections in the views database pool.
+    #[arg(long, env = "PAYERX_DB_CONNECTIONS", default_value_t = 8)]
+    pub db_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// The HTTP API.
+    Ingest,
+    /// The stream processors (validate).
+    Processors,
+    /// The projections (resource view).
+    Projections,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Address the HTTP API listens on (port 0 picks a free one).
+    #[arg(long, env = "PAYERX_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Roles this process runs.
+    #[arg(
+        long,
+        env = "PAYERX_ROLES",
+        value_delimiter = ',',
+        default_value = "ingest,processors,projections"
+    )]
+    pub roles: Vec<Role>,
+    /// How long a write waits for the read view before answering 202 with a status link.
+    #[arg(long, env = "PAYERX_WRITE_WAIT_MS", default_value_t = 5000)]
+    pub write_wait_ms: u64,
+    /// Largest request body accepted (413 beyond).
+    #[arg(long, env = "PAYERX_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Public base URL used in Location and links; taken from the Host header when unset.
+    #[arg(long, env = "PAYERX_BASE_URL")]
+    pub base_url: Option<String>,
+}
+
+impl BackendArgs {
+    /// Embedded defaults in `data_dir`.
+    pub fn embedded(data_dir: impl Into<PathBuf>) -> Self {
+        BackendArgs {
+            data_dir: data_dir.into(),
+            kafka_brokers: None,
+            kafka_config: vec![],
+            database_url: None,
+            topic_prefix: "payerx.".into(),
+            partitions: 6,
+            replication_factor: 1,
+            log_fsync: false,
+            db_connections: 8,
+        }
+    }
+
+    pub fn log_config(&self) -> anyhow::Result<LogConfig> {
+        Ok(match &self.kafka_brokers {
+            Some(brokers) => {
+                let extra = self
+                    .kafka_config
+                    .iter()
+                    .map(|kv| {
+                        kv.split_once('=')
+                            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                            .context(format!("--kafka-config {kv:?} is not key=value"))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                LogConfig::Kafka {
+                    brokers: brokers.clone(),
+                    replication_factor: self.replication_factor,
+                    extra,
+                }
+            }
+            None => LogConfig::Embedded {
+                data_dir: self.data_dir.clone(),
+                fsync: self.log_fsync,
+            },
+        })
+    }
+
+    /// Opens the log and creates payerx's topics if missing.
+    pub async fn open_log(&self) -> anyhow::Result<Arc<dyn Log>> {
+        let log = runtime::open(&self.log_config()?)
+            .await
+            .context("opening the event log")?;
+        let specs: Vec<TopicSpec> = schemas::topics::ALL
+            .iter()
+            .map(|(name, _)| TopicSpec {
+                name: schemas::topics::full(&self.topic_prefix, name),
+                partitions: self.partitions,
+            })
+            .collect();
+        log.ensure_topics(&specs).await.context("creating topics")?;
+        Ok(log)
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| Db::sqlite_url(&self.data_dir))
+    }
+
+    pub async fn open_db(&self) -> anyhow::Result<Db> {
+        Db::connect(&self.database_url(), self.db_connections)
+            .await
+            .context("opening the views database")
+    }
+}
+
+impl ServeArgs {
+    pub fn new(backend: BackendArgs) -> Self {
+        ServeArgs {
+            backend,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            roles: vec![Role::Ingest, Role::Processors, Role::Projections],
+            write_wait_ms: 5000,
+            max_body_bytes: 16 * 1024 * 1024,
+            base_url: None,
+        }
+    }
+
+    pub fn write_wait(&self) -> Duration {
+        Duration::from_millis(self.write_wait_ms)
+    }
+}

@@ -1,0 +1,336 @@
+//! `payerx load PATH`: feeds NDJSON files, Bundle JSON files, or a folder of them into the log
+//! through the same checks and events as the HTTP API, with a progress bar and a final count.
+//! NDJSON is streamed line by line, so memory does not grow with the file.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use runtime::{Log, Record};
+use schemas::topics::{self, headers};
+use schemas::{
+    ChangeAction, Envelope, OperationOutcome, ResourceChange, ResourceChanged, WriteMode,
+};
+use serde_json::Value;
+
+use crate::config::BackendArgs;
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// An .ndjson file, a Bundle .json file, or a folder of them (searched recursively).
+    pub path: PathBuf,
+    /// Events per append (one durable commit each).
+    #[arg(long, default_value_t = 1000)]
+    pub chunk: usize,
+    /// Print at most this many rejected lines in full.
+    #[arg(long, default_value_t = 20)]
+    pub show_rejects: usize,
+    /// No progress bar (for scripts).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LoadReport {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub files: u64,
+}
+
+/// One unit of input: a resource (from NDJSON or a batch/collection Bundle) or a whole
+/// transaction Bundle.
+enum Item {
+    Event(ResourceChanged),
+    Rejected(String, OperationOutcome),
+}
+
+fn files_under(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("ndjson" | "json" | "jsonl")
+            ) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn upsert(mut resource: Value, correlation: &str) -> Result<ResourceChanged, OperationOutcome> {
+    let rtype = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let id = match resource.get("id").and_then(Value::as_str) {
+        Some(id) => id.to_string(),
+        None => {
+            // Like POST: payerx assigns the id.
+            let id = uuid::Uuid::new_v4().to_string();
+            resource["id"] = Value::String(id.clone());
+            id
+        }
+    };
+    let change = ResourceChange {
+        action: ChangeAction::Upsert,
+        resource_type: rtype,
+        resource_id: id,
+        resource: None,
+        if_match: None,
+        created: false,
+    };
+    processors::validate_processor::check_resource(
+        &resource,
+        &change.resource_type,
+        &change.resource_id,
+        None,
+    )?;
+    let change = ResourceChange {
+        resource: Some(resource.to_string()),
+        ..change
+    };
+    Ok(ResourceChanged {
+        envelope: Envelope::new(
+            ResourceChanged::EVENT_TYPE,
+            1,
+            correlation.to_string(),
+            Some("payerx-load".into()),
+        ),
+        mode: WriteMode::BatchEntry,
+        changes: vec![change],
+    })
+}
+
+/// Items of one parsed JSON document: a resource, or the entries of a Bundle.
+fn items_of(doc: Value, origin: &str, correlation: &str) -> Vec<Item> {
+    let is_bundle = doc.get("resourceType").and_then(Value::as_str) == Some("Bundle");
+    let kind = doc
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if !is_bundle
+        || !matches!(
+            kind.as_str(),
+            "batch" | "transaction" | "collection" | "searchset"
+        )
+    {
+        return vec![match upsert(doc, correlation) {
+            Ok(e) => Item::Event(e),
+            Err(oo) => Item::Rejected(origin.to_string(), oo),
+        }];
+    }
+    let entries = doc
+        .get("entry")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if kind == "transaction" {
+        let mut changes = Vec::with_capacity(entries.len());
+        for (i, e) in entries.into_iter().enumerate() {
+            let Some(resource) = e.get("resource").cloned() else {
+                continue;
+            };
+            match upsert(resource, correlation) {
+                Ok(ev) => changes.extend(ev.changes),
+                Err(oo) => {
+                    let at = format!("{origin} entry {i}");
+                    return vec![Item::Rejected(at, oo)];
+                }
+            }
+        }
+        return vec![Item::Event(ResourceChanged {
+            envelope: Envelope::new(
+                ResourceChanged::EVENT_TYPE,
+                1,
+                correlation.to_string(),
+                Some("payerx-load".into()),
+            ),
+            mode: WriteMode::Transaction,
+            changes,
+        })];
+    }
+    entries
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.get("resource").cloned().map(|r| (i, r)))
+        .map(|(i, r)| match upsert(r, correlation) {
+            Ok(e) => Item::Event(e),
+            Err(oo) => Item::Rejected(format!("{origin} entry {i}"), oo),
+        })
+        .collect()
+}
+
+/// Reads every file and sends items in chunks; runs on a blocking thread.
+fn read_all(
+    files: Vec<PathBuf>,
+    chunk: usize,
+    tx: tokio::sync::mpsc::Sender<Vec<Item>>,
+    bar: ProgressBar,
+) -> anyhow::Result<()> {
+    let correlation = uuid::Uuid::now_v7().to_string();
+    let mut buf = Vec::with_capacity(chunk);
+    let send = |buf: &mut Vec<Item>| -> anyhow::Result<()> {
+        if !buf.is_empty() {
+            tx.blocking_send(std::mem::take(buf))
+                .map_err(|_| anyhow::anyhow!("appender stopped"))?;
+        }
+        Ok(())
+    };
+    for f in files {
+        let name = f.display().to_string();
+        let file = std::fs::File::open(&f).with_context(|| format!("opening {name}"))?;
+        let ndjson = matches!(
+            f.extension().and_then(|e| e.to_str()),
+            Some("ndjson" | "jsonl")
+        );
+        if ndjson {
+            for (n, line) in BufReader::with_capacity(1 << 20, file).lines().enumerate() {
+                let line = line.with_context(|| format!("reading {name}"))?;
+                bar.inc(line.len() as u64 + 1);
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let origin = format!("{name}:{}", n + 1);
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(doc) => buf.extend(items_of(doc, &origin, &correlation)),
+                    Err(e) => buf.push(Item::Rejected(
+                        origin,
+                        OperationOutcome::error(
+                            schemas::IssueType::Structure,
+                            format!("not valid JSON: {e}"),
+                        ),
+                    )),
+                }
+                if buf.len() >= chunk {
+                    send(&mut buf)?;
+                }
+            }
+        } else {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            match serde_json::from_reader::<_, Value>(BufReader::new(file)) {
+                Ok(doc) => buf.extend(items_of(doc, &name, &correlation)),
+                Err(e) => buf.push(Item::Rejected(
+                    name,
+                    OperationOutcome::error(
+                        schemas::IssueType::Structure,
+                        format!("not valid JSON: {e}"),
+                    ),
+                )),
+            }
+            bar.inc(len);
+            if buf.len() >= chunk {
+                send(&mut buf)?;
+            }
+        }
+    }
+    send(&mut buf)
+}
+
+/// Loads `args.path` into `log`. Rejected items are reported on stderr (the first few in full).
+pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<LoadReport> {
+    let files = files_under(&args.path)?;
+    let total: u64 = files
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let topic = topics::full(&args.backend.topic_prefix, topics::FHIR_SUBMISSIONS);
+    let mut report = LoadReport {
+        files: files.len() as u64,
+        ..Default::default()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Item>>(4);
+    let reader = {
+        let bar = bar.clone();
+        let chunk = args.chunk.max(1);
+        tokio::task::spawn_blocking(move || read_all(files, chunk, tx, bar))
+    };
+    // Two appends in flight: one committing while the next is being prepared.
+    let mut inflight: std::collections::VecDeque<
+        tokio::task::JoinHandle<Result<usize, runtime::LogError>>,
+    > = Default::default();
+    while let Some(items) = rx.recv().await {
+        let mut records = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Item::Event(ev) => {
+                    let value = schemas::encode_event(&ev)?;
+                    records.push(
+                        Record::new(topic.clone(), ev.key(), value)
+                            .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
+                            .header(headers::EVENT_ID, ev.envelope.event_id.clone())
+                            .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone()),
+                    );
+                }
+                Item::Rejected(origin, oo) => {
+                    report.rejected += 1;
+                    if report.rejected <= args.show_rejects as u64 {
+                        bar.suspend(|| eprintln!("rejected {origin}: {}", oo.summary()));
+                    }
+                }
+            }
+        }
+        let log = log.clone();
+        inflight.push_back(tokio::spawn(async move {
+            let n = records.len();
+            log.append(records).await.map(|_| n)
+        }));
+        if inflight.len() >= 2 {
+            if let Some(h) = inflight.pop_front() {
+                report.accepted += h.await?? as u64;
+            }
+        }
+        bar.set_message(format!(
+            "{} accepted, {} rejected",
+            report.accepted, report.rejected
+        ));
+    }
+    for h in inflight {
+        report.accepted += h.await?? as u64;
+    }
+    reader.await??;
+    bar.finish_with_message(format!(
+        "{} accepted, {} rejected",
+        report.accepted, report.rejected
+    ));
+    Ok(report)
+}
+
+pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    let log = args.backend.open_log().await?;
+    let report = load_into(log, &args).await?;
+    println!(
+        "{}",
+        serde_json::json!({"files": report.files, "accepted": report.accepted, "rejected": report.rejected})
+    );
+    if report.rejected > 0 {
+        anyhow::bail!("{} item(s) rejected", report.rejected);
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! The payerx binary: `serve`, `load`, `events`, `replay`, `bench`.
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "payerx",
+    version,
+    about = "Event-sourced payer interoperability platform (Da Vinci CDex, PDex, Patient Access)"
+)]
+struct Cli {
+    /// Log as JSON lines (for log shippers) instead of text.
+    #[arg(long, global = true, env = "PAYERX_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run payerx: the HTTP API, the processors and the projections (or the roles chosen).
+    Serve(payerx::ServeArgs),
+    /// Feed NDJSON or Bundle files into the log, through the same checks as the API.
+    Load(payerx::load::LoadArgs),
+    /// Print a topic's events as JSON lines.
+    Events(payerx::events::EventsArgs),
+    /// Rebuild a projection from the log and swap it in without downtime.
+    Replay(payerx::replay::ReplayArgs),
+    /// Measure throughput and latency.
+    #[command(subcommand)]
+    Bench(payerx::bench::BenchCommand),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("PAYERX_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    match cli.command {
+        Command::Serve(args) => payerx::App::start(args).await?.run_until_signal().await,
+        Command::Load(args) => payerx::load::run(args).await,
+        Command::Events(args) => payerx::events::run(args).await,
+        Command::Replay(args) => payerx::replay::run(args).await,
+        Command::Bench(cmd) => payerx::bench::run(cmd).await,
+    }
+}
