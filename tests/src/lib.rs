@@ -1,1 +1,227 @@
-//! placeholder
+//! The test harness: starts the real payerx assembly in-process (or the real binary, for crash
+//! tests) on one of two tiers, and talks to it over HTTP like a client.
+//!
+//! - **embedded**: embedded log + SQLite in a temp folder. No services.
+//! - **kafka_postgres**: Kafka protocol broker at `PAYERX_TEST_KAFKA_BROKERS` and PostgreSQL at
+//!   `PAYERX_TEST_DATABASE_URL` (an admin URL; each test gets its own database and topic prefix).
+//!   `scripts/test-integration.sh` starts both and runs these tests with `--ignored`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use payerx::{App, BackendArgs, Role, ServeArgs};
+use serde_json::Value;
+
+pub use serde_json::json;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Embedded,
+    KafkaPostgres,
+}
+
+pub struct Harness {
+    pub tier: Tier,
+    pub backend: BackendArgs,
+    pub app: Option<App>,
+    pub client: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    base: String,
+}
+
+/// Runs a scenario on both tiers: `embedded` always, `kafka_postgres` in the integration tier.
+#[macro_export]
+macro_rules! both_tiers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn embedded() {
+                super::$name($crate::Harness::start($crate::Tier::Embedded).await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            #[ignore = "integration tier: needs Kafka + PostgreSQL; run scripts/test-integration.sh"]
+            async fn kafka_postgres() {
+                super::$name($crate::Harness::start($crate::Tier::KafkaPostgres).await).await
+            }
+        }
+    )*};
+}
+
+fn env_required(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: the integration tier runs through scripts/test-integration.sh"))
+}
+
+/// A fresh backend for one test.
+pub async fn backend(tier: Tier, dir: &std::path::Path) -> BackendArgs {
+    let mut b = BackendArgs::embedded(dir);
+    b.partitions = 3;
+    if tier == Tier::KafkaPostgres {
+        let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        b.kafka_brokers = Some(env_required("PAYERX_TEST_KAFKA_BROKERS"));
+        b.topic_prefix = format!("t{suffix}.");
+        b.database_url = Some(fresh_database(&env_required("PAYERX_TEST_DATABASE_URL"), &format!("payerx_{suffix}")).await);
+    }
+    b
+}
+
+/// Creates database `name` on the server of `admin_url` and returns its URL.
+pub async fn fresh_database(admin_url: &str, name: &str) -> String {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(admin_url).await.expect("connect to PostgreSQL admin URL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create test database");
+    pool.close().await;
+    let (head, _) = admin_url.rsplit_once('/').expect("URL with a database path");
+    format!("{head}/{name}")
+}
+
+impl Harness {
+    pub async fn start(tier: Tier) -> Harness {
+        Self::start_with(tier, |_| {}).await
+    }
+
+    /// Starts with every role, after `tweak` adjusts the configuration.
+    pub async fn start_with(tier: Tier, tweak: impl FnOnce(&mut ServeArgs)) -> Harness {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let backend = backend(tier, dir.path()).await;
+        let mut args = ServeArgs::new(backend.clone());
+        tweak(&mut args);
+        let app = App::start(args).await.expect("payerx starts");
+        let base = app.base_url();
+        Harness { tier, backend, app: Some(app), client: reqwest::Client::new(), dir, base }
+    }
+
+    pub fn app(&self) -> &App {
+        self.app.as_ref().expect("running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Stops and starts again on the same log and views (a clean restart).
+    pub async fn restart(&mut self, roles: &[Role]) {
+        if let Some(app) = self.app.take() {
+            app.stop().await.expect("clean stop");
+        }
+        let mut args = ServeArgs::new(self.backend.clone());
+        args.roles = roles.to_vec();
+        let app = App::start(args).await.expect("payerx restarts");
+        if app.addr.is_some() {
+            self.base = app.base_url();
+        }
+        self.app = Some(app);
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(app) = self.app.take() {
+            app.stop().await.expect("clean stop");
+        }
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client.put(self.url(path)).header("content-type", "application/fhir+json").body(body.to_string()).send().await.expect("PUT")
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client.post(self.url(path)).header("content-type", "application/fhir+json").body(body.to_string()).send().await.expect("POST")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self.get(path).await;
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until `check` holds (bounded: the view is eventually consistent for direct producers).
+    pub async fn eventually<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if check().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
+}
+
+pub async fn json(r: reqwest::Response) -> Value {
+    r.json().await.expect("JSON body")
+}
+
+/// The first issue's expression of an OperationOutcome.
+pub fn expression(oo: &Value) -> String {
+    oo["issue"][0]["expression"][0].as_str().unwrap_or("").to_string()
+}
+
+pub fn patient(id: &str, family: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "name": [{"family": family, "given": ["Ana"]}], "gender": "female", "birthDate": "1980-02-03"})
+}
+
+/// The `payerx` binary built next to this test executable (by `cargo test --workspace`).
+pub fn payerx_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("payerx");
+    if !bin.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--bin", "payerx"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building payerx failed");
+    }
+    bin
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Sends raw bytes to the server at `base` (`http://host:port`) and reads the answer without
+/// sending anything more: status and body. Used where a client library would insist on
+/// sending a body the server has already refused.
+pub async fn raw_request(base: &str, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The server may answer and close before everything is written: that is the point.
+    let _ = s.write_all(request.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf);
+                    if let Some(idx) = text.find("\r\n\r\n") {
+                        let len = text[..idx]
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+                        if len.is_some_and(|len| buf.len() >= idx + 4 + len) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
