@@ -246,8 +246,12 @@ impl Log for KafkaLog {
                 match blocking(move || topic_partitions(&producer, &name, true)).await {
                     Ok(n) => {
                         if n != spec.partitions {
-                            tracing::warn!(topic = %spec.name, existing = n, requested = spec.partitions,
-                                "topic exists with a different partition count; leaving it as it is");
+                            tracing::warn!(
+                                topic = %spec.name,
+                                existing = n,
+                                requested = spec.partitions,
+                                "topic exists with another partition count; left as it is"
+                            );
                         }
                         self.cache_partitions(&spec.name, n);
                         break;
@@ -453,7 +457,7 @@ impl Consumer for KafkaConsumer {
                 // The records taken so far have advanced the position: hand them out rather than
                 // lose them; a persistent error shows up again on the next poll.
                 Some(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "consumer error after {} records; returning those first", batch.len());
+                    tracing::debug!(error = %e, "consumer error; returning the records read first");
                     break;
                 }
                 Some(None) | None => break,
@@ -472,20 +476,24 @@ impl Consumer for KafkaConsumer {
             // Commit only partitions this member still owns: after a rebalance the new owner
             // resumes from the last committed offset (at-least-once), and an old member's commit
             // must not move the group's position under it.
-            let owned = consumer.assignment().map_err(|e| classify(&e, "reading the assignment"))?;
+            let owned = consumer
+                .assignment()
+                .map_err(|e| classify(&e, "reading the assignment"))?;
             let mut list = TopicPartitionList::with_capacity(offsets.len());
             for (topic, partition, next_offset) in &offsets {
                 if owned.find_partition(topic, *partition).is_some() {
                     list.add_partition_offset(topic, *partition, Offset::Offset(*next_offset))
                         .map_err(|e| classify(&e, &format!("committing {topic}/{partition}")))?;
                 } else {
-                    tracing::debug!(%topic, partition, "not committing a partition that is no longer assigned");
+                    tracing::debug!(%topic, partition, "partition no longer assigned");
                 }
             }
             if list.count() == 0 {
                 return Ok(());
             }
-            consumer.commit(&list, CommitMode::Sync).map_err(|e| classify(&e, "committing offsets"))
+            consumer
+                .commit(&list, CommitMode::Sync)
+                .map_err(|e| classify(&e, "committing offsets"))
         })
         .await
     }
@@ -548,7 +556,7 @@ fn client_config(
     }
     for (key, value) in invariants {
         if extra.iter().any(|(k, v)| k == key && v != value) {
-            tracing::warn!(%key, "ignoring a Kafka client setting that would weaken delivery guarantees");
+            tracing::warn!(%key, "ignoring a Kafka setting that would weaken delivery guarantees");
         }
         config.set(*key, *value);
     }

@@ -230,3 +230,130 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::embedded::EmbeddedLog;
+    use crate::TopicSpec;
+
+    /// Echoes "ok*" records to `out`, fails "retry" records retriably twice, refuses "bad".
+    struct Echo {
+        attempts: AtomicUsize,
+    }
+
+    impl Processor for Echo {
+        fn name(&self) -> &str {
+            "echo"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn dead_letter_topic(&self) -> String {
+            "in.dlq".into()
+        }
+        fn process(&self, input: &Consumed) -> Result<Vec<Record>, ProcessError> {
+            match input.value.as_slice() {
+                b"retry" if self.attempts.fetch_add(1, Ordering::SeqCst) < 2 => {
+                    Err(ProcessError::Retriable("not yet".into()))
+                }
+                b"bad" => Err(ProcessError::Permanent {
+                    reason: "refused".into(),
+                    outcome: Some("{}".into()),
+                }),
+                v => Ok(vec![Record::new("out", input.key.clone(), v.to_vec())]),
+            }
+        }
+    }
+
+    async fn read_all(log: &EmbeddedLog, topic: &str, n: usize) -> Vec<Consumed> {
+        let mut c = log
+            .assigned_consumer(&[(topic.into(), 0, 0)])
+            .await
+            .unwrap();
+        let mut got = vec![];
+        for _ in 0..50 {
+            got.extend(c.poll(100, Duration::from_millis(100)).await.unwrap());
+            if got.len() >= n {
+                break;
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn retries_dead_letters_commits_and_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), false).unwrap());
+        let specs: Vec<TopicSpec> = ["in", "out", "in.dlq"]
+            .iter()
+            .map(|t| TopicSpec {
+                name: (*t).into(),
+                partitions: 1,
+            })
+            .collect();
+        log.ensure_topics(&specs).await.unwrap();
+        let values: [&[u8]; 4] = [b"ok1", b"retry", b"bad", b"ok2"];
+        log.append(
+            values
+                .iter()
+                .map(|v| Record::new("in", "k", v.to_vec()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+
+        let opts = RunOptions {
+            initial_backoff: Duration::from_millis(5),
+            poll_wait: Duration::from_millis(20),
+            ..RunOptions::default()
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            log.clone(),
+            Arc::new(Echo {
+                attempts: AtomicUsize::new(0),
+            }),
+            opts.clone(),
+            stop.clone(),
+        ));
+        let out = read_all(&log, "out", 3).await;
+        assert_eq!(
+            out.iter().map(|r| r.value.clone()).collect::<Vec<_>>(),
+            vec![b"ok1".to_vec(), b"retry".to_vec(), b"ok2".to_vec()]
+        );
+        let dlq = read_all(&log, "in.dlq", 1).await;
+        assert_eq!(dlq.len(), 1);
+        assert_eq!(dlq[0].value, b"bad");
+        assert_eq!(dlq[0].header(headers::ERROR_REASON), Some("refused"));
+        assert_eq!(dlq[0].header(headers::ERROR_SOURCE), Some("in/0/2"));
+        stop.cancel();
+        task.await.unwrap().unwrap();
+
+        // Offsets were committed: a restarted processor sees only what is new.
+        log.append(vec![Record::new("in", "k", b"ok3".to_vec())])
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            log.clone(),
+            Arc::new(Echo {
+                attempts: AtomicUsize::new(9),
+            }),
+            opts,
+            stop.clone(),
+        ));
+        let out = read_all(&log, "out", 4).await;
+        assert_eq!(
+            out.len(),
+            4,
+            "nothing reprocessed, the new record processed"
+        );
+        assert_eq!(out[3].value, b"ok3");
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+}

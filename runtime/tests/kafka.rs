@@ -1,6 +1,7 @@
 //! Integration tests of the Kafka backend against a running Kafka-protocol broker (tansu in CI).
 //! The bootstrap address comes from `PAYERX_TEST_KAFKA_BROKERS`; every test uses its own topics
-//! and groups (uuid suffix) because tests share the broker.
+//! and groups (uuid suffix) because tests share the broker. Run tansu with its SQLite storage
+//! (scripts/tansu.sh does): its memory engine cannot fetch from inside a producer batch.
 #![cfg(feature = "kafka")]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -12,7 +13,10 @@ use runtime::{Consumed, Consumer, Log, LogError, Record, TopicSpec};
 
 async fn connect() -> KafkaLog {
     let brokers = std::env::var("PAYERX_TEST_KAFKA_BROKERS").unwrap_or_else(|_| {
-        panic!("PAYERX_TEST_KAFKA_BROKERS is not set: start a broker (scripts/tansu.sh start DIR) and export its host:port")
+        panic!(
+            "PAYERX_TEST_KAFKA_BROKERS is not set: start a broker \
+             (scripts/tansu.sh start DIR) and export its host:port"
+        )
     });
     KafkaLog::connect(&brokers, 1, &[])
         .await

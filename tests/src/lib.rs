@@ -50,7 +50,9 @@ macro_rules! both_tiers {
 }
 
 fn env_required(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: the integration tier runs through scripts/test-integration.sh"))
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: the integration tier runs through scripts/test-integration.sh")
+    })
 }
 
 /// A fresh backend for one test.
@@ -61,7 +63,13 @@ pub async fn backend(tier: Tier, dir: &std::path::Path) -> BackendArgs {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         b.kafka_brokers = Some(env_required("PAYERX_TEST_KAFKA_BROKERS"));
         b.topic_prefix = format!("t{suffix}.");
-        b.database_url = Some(fresh_database(&env_required("PAYERX_TEST_DATABASE_URL"), &format!("payerx_{suffix}")).await);
+        b.database_url = Some(
+            fresh_database(
+                &env_required("PAYERX_TEST_DATABASE_URL"),
+                &format!("payerx_{suffix}"),
+            )
+            .await,
+        );
     }
     b
 }
@@ -69,10 +77,17 @@ pub async fn backend(tier: Tier, dir: &std::path::Path) -> BackendArgs {
 /// Creates database `name` on the server of `admin_url` and returns its URL.
 pub async fn fresh_database(admin_url: &str, name: &str) -> String {
     sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(admin_url).await.expect("connect to PostgreSQL admin URL");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create test database");
+    let pool = sqlx::AnyPool::connect(admin_url)
+        .await
+        .expect("connect to PostgreSQL admin URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .expect("create test database");
     pool.close().await;
-    let (head, _) = admin_url.rsplit_once('/').expect("URL with a database path");
+    let (head, _) = admin_url
+        .rsplit_once('/')
+        .expect("URL with a database path");
     format!("{head}/{name}")
 }
 
@@ -89,7 +104,14 @@ impl Harness {
         tweak(&mut args);
         let app = App::start(args).await.expect("payerx starts");
         let base = app.base_url();
-        Harness { tier, backend, app: Some(app), client: reqwest::Client::new(), dir, base }
+        Harness {
+            tier,
+            backend,
+            app: Some(app),
+            client: reqwest::Client::new(),
+            dir,
+            base,
+        }
     }
 
     pub fn app(&self) -> &App {
@@ -121,11 +143,23 @@ impl Harness {
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client.put(self.url(path)).header("content-type", "application/fhir+json").body(body.to_string()).send().await.expect("PUT")
+        self.client
+            .put(self.url(path))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("PUT")
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client.post(self.url(path)).header("content-type", "application/fhir+json").body(body.to_string()).send().await.expect("POST")
+        self.client
+            .post(self.url(path))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("POST")
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
@@ -161,7 +195,10 @@ pub async fn json(r: reqwest::Response) -> Value {
 
 /// The first issue's expression of an OperationOutcome.
 pub fn expression(oo: &Value) -> String {
-    oo["issue"][0]["expression"][0].as_str().unwrap_or("").to_string()
+    oo["issue"][0]["expression"][0]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 pub fn patient(id: &str, family: &str) -> Value {
@@ -186,7 +223,11 @@ pub fn payerx_binary() -> PathBuf {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Sends raw bytes to the server at `base` (`http://host:port`) and reads the answer without
@@ -208,9 +249,11 @@ pub async fn raw_request(base: &str, request: &str) -> (u16, String) {
                     buf.extend_from_slice(&chunk[..n]);
                     let text = String::from_utf8_lossy(&buf);
                     if let Some(idx) = text.find("\r\n\r\n") {
-                        let len = text[..idx]
-                            .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+                        let len = text[..idx].lines().find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        });
                         if len.is_some_and(|len| buf.len() >= idx + 4 + len) {
                             break;
                         }
@@ -221,7 +264,14 @@ pub async fn raw_request(base: &str, request: &str) -> (u16, String) {
     })
     .await;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }

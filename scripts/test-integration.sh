@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The integration tier: the same pipeline tests, on a real Kafka-protocol broker (tansu) and a
+# real PostgreSQL, both started here in a temp folder and stopped on exit.
+#   scripts/test-integration.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/tansu.sh install
+scripts/postgres.sh install
+
+work=$(mktemp -d /tmp/payerx-it.XXXXXX)
+chmod 755 "$work"
+cleanup() {
+    scripts/tansu.sh stop "$work" || true
+    scripts/postgres.sh stop "$work" || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+PAYERX_TEST_KAFKA_BROKERS=$(scripts/tansu.sh start "$work")
+PAYERX_TEST_DATABASE_URL=$(scripts/postgres.sh start "$work")
+export PAYERX_TEST_KAFKA_BROKERS PAYERX_TEST_DATABASE_URL
+echo "integration tier: Kafka protocol at $PAYERX_TEST_KAFKA_BROKERS (tansu), $PAYERX_TEST_DATABASE_URL" >&2
+
+# Only the tests marked for the integration tier (they are #[ignore]d in the embedded tier).
+cargo test --workspace "$@" -- --ignored --test-threads 4
