@@ -23,9 +23,7 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ])
+                .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
                 .ok()?
                 .install_recorder()
                 .ok()
@@ -38,7 +36,8 @@ pub struct App {
     /// Where the HTTP API listens (when the ingest role runs).
     pub addr: Option<SocketAddr>,
     pub log: Arc<dyn Log>,
-    pub store: Arc<ResourceStore>,
+    /// The views (absent in a processors-only process, which never touches the database).
+    pub store: Option<Arc<ResourceStore>>,
     pub shutdown: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -47,26 +46,24 @@ impl App {
     pub async fn start(args: ServeArgs) -> anyhow::Result<App> {
         let backend = &args.backend;
         let log = backend.open_log().await?;
-        let db = backend.open_db().await?;
+        let needs_views = args.roles.iter().any(|r| matches!(r, Role::Ingest | Role::Projections));
+        let db = if needs_views { Some(backend.open_db().await?) } else { None };
         let prefix = backend.topic_prefix.clone();
-        let store = Arc::new(ResourceStore::new(db.clone(), &prefix));
+        let store = db.as_ref().map(|db| Arc::new(ResourceStore::new(db.clone(), &prefix)));
         let notifier = Arc::new(WriteNotifier::default());
         let shutdown = CancellationToken::new();
         let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
 
         if args.roles.contains(&Role::Processors) {
             let (log, stop) = (log.clone(), shutdown.clone());
-            let opts = RunOptions {
-                group_prefix: prefix.clone(),
-                ..RunOptions::default()
-            };
+            let opts = RunOptions { group_prefix: prefix.clone(), ..RunOptions::default() };
             let p = Arc::new(ValidateProcessor::new(&prefix));
             tasks.push((
                 "validate",
                 tokio::spawn(async move { Ok(runtime::processor::run(log, p, opts, stop).await?) }),
             ));
         }
-        if args.roles.contains(&Role::Projections) {
+        if let (true, Some(db)) = (args.roles.contains(&Role::Projections), &db) {
             let worker = ProjectionWorker {
                 db: db.clone(),
                 log: log.clone(),
@@ -75,13 +72,10 @@ impl App {
                 max_batch: 2000,
             };
             let stop = shutdown.clone();
-            tasks.push((
-                "resource-projection",
-                tokio::spawn(async move { Ok(worker.run(stop).await?) }),
-            ));
+            tasks.push(("resource-projection", tokio::spawn(async move { Ok(worker.run(stop).await?) })));
         }
         let mut addr = None;
-        if args.roles.contains(&Role::Ingest) {
+        if let (true, Some(store)) = (args.roles.contains(&Role::Ingest), &store) {
             let ready = Arc::new(AtomicBool::new(false));
             let state = Arc::new(AppState {
                 log: log.clone(),
@@ -96,31 +90,28 @@ impl App {
                 metrics: metrics_handle(),
                 ready: ready.clone(),
             });
-            let listener = tokio::net::TcpListener::bind(args.listen)
-                .await
-                .with_context(|| format!("binding {}", args.listen))?;
+            let listener =
+                tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
             addr = Some(listener.local_addr()?);
             let stop = shutdown.clone();
             let app = ingest::router(state);
             tasks.push((
                 "http",
                 tokio::spawn(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async move { stop.cancelled().await })
-                        .await?;
+                    axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
                     Ok(())
                 }),
             ));
             ready.store(true, Ordering::Release);
         }
-        tracing::info!(?addr, log = log.backend(), views = ?db.backend, roles = ?args.roles, "payerx started");
-        Ok(App {
-            addr,
-            log,
-            store,
-            shutdown,
-            tasks,
-        })
+        tracing::info!(?addr, log = log.backend(), views = ?db.map(|d| d.backend), roles = ?args.roles, "payerx started");
+        Ok(App { addr, log, store, shutdown, tasks })
+    }
+
+    /// The views' query side. Panics in a processors-only process (a programming error).
+    pub fn store(&self) -> &ResourceStore {
+        #[allow(clippy::expect_used)]
+        self.store.as_deref().expect("this process runs no role with views")
     }
 
     /// Base URL of the HTTP API, e.g. `http://127.0.0.1:8080`.

@@ -21,11 +21,8 @@ pub struct BackendArgs {
     #[arg(long, env = "PAYERX_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
     /// Extra librdkafka settings, `key=value`, repeatable (e.g. security.protocol=SASL_SSL).
-    #[arg(
-        long = "kafka-config",
-        env = "PAYERX_KAFKA_CONFIG",
-        value_delimiter = ','
-    )]
+    /// In the environment, separate settings with `;` (values may contain commas).
+    #[arg(long = "kafka-config", env = "PAYERX_KAFKA_CONFIG", value_delimiter = ';')]
     pub kafka_config: Vec<String>,
     /// Views database: `postgres://…` or `sqlite://…`; `<data-dir>/views.sqlite` when unset.
     #[arg(long, env = "PAYERX_DATABASE_URL")]
@@ -65,12 +62,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PAYERX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Roles this process runs.
-    #[arg(
-        long,
-        env = "PAYERX_ROLES",
-        value_delimiter = ',',
-        default_value = "ingest,processors,projections"
-    )]
+    #[arg(long, env = "PAYERX_ROLES", value_delimiter = ',', default_value = "ingest,processors,projections")]
     pub roles: Vec<Role>,
     /// How long a write waits for the read view before answering 202 with a status link.
     #[arg(long, env = "PAYERX_WRITE_WAIT_MS", default_value_t = 5000)]
@@ -111,24 +103,15 @@ impl BackendArgs {
                             .context(format!("--kafka-config {kv:?} is not key=value"))
                     })
                     .collect::<anyhow::Result<_>>()?;
-                LogConfig::Kafka {
-                    brokers: brokers.clone(),
-                    replication_factor: self.replication_factor,
-                    extra,
-                }
+                LogConfig::Kafka { brokers: brokers.clone(), replication_factor: self.replication_factor, extra }
             }
-            None => LogConfig::Embedded {
-                data_dir: self.data_dir.clone(),
-                fsync: self.log_fsync,
-            },
+            None => LogConfig::Embedded { data_dir: self.data_dir.clone(), fsync: self.log_fsync },
         })
     }
 
     /// Opens the log and creates payerx's topics if missing.
     pub async fn open_log(&self) -> anyhow::Result<Arc<dyn Log>> {
-        let log = runtime::open(&self.log_config()?)
-            .await
-            .context("opening the event log")?;
+        let log = runtime::open(&self.log_config()?).await.context("opening the event log")?;
         let specs: Vec<TopicSpec> = schemas::topics::ALL
             .iter()
             .map(|(name, _)| TopicSpec {
@@ -141,15 +124,11 @@ impl BackendArgs {
     }
 
     pub fn database_url(&self) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| Db::sqlite_url(&self.data_dir))
+        self.database_url.clone().unwrap_or_else(|| Db::sqlite_url(&self.data_dir))
     }
 
     pub async fn open_db(&self) -> anyhow::Result<Db> {
-        Db::connect(&self.database_url(), self.db_connections)
-            .await
-            .context("opening the views database")
+        Db::connect(&self.database_url(), self.db_connections).await.context("opening the views database")
     }
 }
 

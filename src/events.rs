@@ -28,16 +28,8 @@ pub struct EventsArgs {
 }
 
 pub fn render(r: &runtime::Consumed) -> Value {
-    let headers: Map<String, Value> = r
-        .headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                Value::String(String::from_utf8_lossy(v).into_owned()),
-            )
-        })
-        .collect();
+    let headers: Map<String, Value> =
+        r.headers.iter().map(|(k, v)| (k.clone(), Value::String(String::from_utf8_lossy(v).into_owned()))).collect();
     let mut out = json!({
         "topic": r.topic, "partition": r.partition, "offset": r.offset, "key": r.key,
         "timestamp_ms": r.timestamp_ms, "headers": headers,
@@ -63,17 +55,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     let parts = log.partitions(&topic).await?;
     let ends = log.end_offsets(&topic).await?;
     let assignment: Vec<(String, i32, i64)> = (0..parts)
-        .map(|p| {
-            (
-                topic.clone(),
-                p,
-                if args.from_beginning {
-                    0
-                } else {
-                    ends.get(p as usize).copied().unwrap_or(0)
-                },
-            )
-        })
+        .map(|p| (topic.clone(), p, if args.from_beginning { 0 } else { ends.get(p as usize).copied().unwrap_or(0) }))
         .collect();
     let mut consumer = log.assigned_consumer(&assignment).await?;
     // Without --follow, stop once every partition is read up to where it ended at start.

@@ -11,9 +11,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use runtime::{Log, Record};
 use schemas::topics::{self, headers};
-use schemas::{
-    ChangeAction, Envelope, OperationOutcome, ResourceChange, ResourceChanged, WriteMode,
-};
+use schemas::{ChangeAction, Envelope, OperationOutcome, ResourceChange, ResourceChanged, WriteMode};
 use serde_json::Value;
 
 use crate::config::BackendArgs;
@@ -60,10 +58,7 @@ fn files_under(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
             let p = e?.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("ndjson" | "json" | "jsonl")
-            ) {
+            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("ndjson" | "json" | "jsonl")) {
                 out.push(p);
             }
         }
@@ -73,11 +68,7 @@ fn files_under(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 fn upsert(mut resource: Value, correlation: &str) -> Result<ResourceChanged, OperationOutcome> {
-    let rtype = resource
-        .get("resourceType")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let rtype = resource.get("resourceType").and_then(Value::as_str).unwrap_or("").to_string();
     let id = match resource.get("id").and_then(Value::as_str) {
         Some(id) => id.to_string(),
         None => {
@@ -95,23 +86,10 @@ fn upsert(mut resource: Value, correlation: &str) -> Result<ResourceChanged, Ope
         if_match: None,
         created: false,
     };
-    processors::validate_processor::check_resource(
-        &resource,
-        &change.resource_type,
-        &change.resource_id,
-        None,
-    )?;
-    let change = ResourceChange {
-        resource: Some(resource.to_string()),
-        ..change
-    };
+    processors::validate_processor::check_resource(&resource, &change.resource_type, &change.resource_id, None)?;
+    let change = ResourceChange { resource: Some(resource.to_string()), ..change };
     Ok(ResourceChanged {
-        envelope: Envelope::new(
-            ResourceChanged::EVENT_TYPE,
-            1,
-            correlation.to_string(),
-            Some("payerx-load".into()),
-        ),
+        envelope: Envelope::new(ResourceChanged::EVENT_TYPE, 1, correlation.to_string(), Some("payerx-load".into())),
         mode: WriteMode::BatchEntry,
         changes: vec![change],
     })
@@ -120,27 +98,14 @@ fn upsert(mut resource: Value, correlation: &str) -> Result<ResourceChanged, Ope
 /// Items of one parsed JSON document: a resource, or the entries of a Bundle.
 fn items_of(doc: Value, origin: &str, correlation: &str) -> Vec<Item> {
     let is_bundle = doc.get("resourceType").and_then(Value::as_str) == Some("Bundle");
-    let kind = doc
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    if !is_bundle
-        || !matches!(
-            kind.as_str(),
-            "batch" | "transaction" | "collection" | "searchset"
-        )
-    {
+    let kind = doc.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+    if !is_bundle || !matches!(kind.as_str(), "batch" | "transaction" | "collection" | "searchset") {
         return vec![match upsert(doc, correlation) {
             Ok(e) => Item::Event(e),
             Err(oo) => Item::Rejected(origin.to_string(), oo),
         }];
     }
-    let entries = doc
-        .get("entry")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let entries = doc.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
     if kind == "transaction" {
         let mut changes = Vec::with_capacity(entries.len());
         for (i, e) in entries.into_iter().enumerate() {
@@ -188,18 +153,14 @@ fn read_all(
     let mut buf = Vec::with_capacity(chunk);
     let send = |buf: &mut Vec<Item>| -> anyhow::Result<()> {
         if !buf.is_empty() {
-            tx.blocking_send(std::mem::take(buf))
-                .map_err(|_| anyhow::anyhow!("appender stopped"))?;
+            tx.blocking_send(std::mem::take(buf)).map_err(|_| anyhow::anyhow!("appender stopped"))?;
         }
         Ok(())
     };
     for f in files {
         let name = f.display().to_string();
         let file = std::fs::File::open(&f).with_context(|| format!("opening {name}"))?;
-        let ndjson = matches!(
-            f.extension().and_then(|e| e.to_str()),
-            Some("ndjson" | "jsonl")
-        );
+        let ndjson = matches!(f.extension().and_then(|e| e.to_str()), Some("ndjson" | "jsonl"));
         if ndjson {
             for (n, line) in BufReader::with_capacity(1 << 20, file).lines().enumerate() {
                 let line = line.with_context(|| format!("reading {name}"))?;
@@ -212,10 +173,7 @@ fn read_all(
                     Ok(doc) => buf.extend(items_of(doc, &origin, &correlation)),
                     Err(e) => buf.push(Item::Rejected(
                         origin,
-                        OperationOutcome::error(
-                            schemas::IssueType::Structure,
-                            format!("not valid JSON: {e}"),
-                        ),
+                        OperationOutcome::error(schemas::IssueType::Structure, format!("not valid JSON: {e}")),
                     )),
                 }
                 if buf.len() >= chunk {
@@ -228,10 +186,7 @@ fn read_all(
                 Ok(doc) => buf.extend(items_of(doc, &name, &correlation)),
                 Err(e) => buf.push(Item::Rejected(
                     name,
-                    OperationOutcome::error(
-                        schemas::IssueType::Structure,
-                        format!("not valid JSON: {e}"),
-                    ),
+                    OperationOutcome::error(schemas::IssueType::Structure, format!("not valid JSON: {e}")),
                 )),
             }
             bar.inc(len);
@@ -246,25 +201,16 @@ fn read_all(
 /// Loads `args.path` into `log`. Rejected items are reported on stderr (the first few in full).
 pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<LoadReport> {
     let files = files_under(&args.path)?;
-    let total: u64 = files
-        .iter()
-        .filter_map(|f| f.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
+    let total: u64 = files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total) };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let topic = topics::full(&args.backend.topic_prefix, topics::FHIR_SUBMISSIONS);
-    let mut report = LoadReport {
-        files: files.len() as u64,
-        ..Default::default()
-    };
+    let mut report = LoadReport { files: files.len() as u64, ..Default::default() };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Item>>(4);
     let reader = {
         let bar = bar.clone();
@@ -272,9 +218,8 @@ pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<Loa
         tokio::task::spawn_blocking(move || read_all(files, chunk, tx, bar))
     };
     // Two appends in flight: one committing while the next is being prepared.
-    let mut inflight: std::collections::VecDeque<
-        tokio::task::JoinHandle<Result<usize, runtime::LogError>>,
-    > = Default::default();
+    let mut inflight: std::collections::VecDeque<tokio::task::JoinHandle<Result<usize, runtime::LogError>>> =
+        Default::default();
     while let Some(items) = rx.recv().await {
         let mut records = Vec::with_capacity(items.len());
         for item in items {
@@ -306,19 +251,13 @@ pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<Loa
                 report.accepted += h.await?? as u64;
             }
         }
-        bar.set_message(format!(
-            "{} accepted, {} rejected",
-            report.accepted, report.rejected
-        ));
+        bar.set_message(format!("{} accepted, {} rejected", report.accepted, report.rejected));
     }
     for h in inflight {
         report.accepted += h.await?? as u64;
     }
     reader.await??;
-    bar.finish_with_message(format!(
-        "{} accepted, {} rejected",
-        report.accepted, report.rejected
-    ));
+    bar.finish_with_message(format!("{} accepted, {} rejected", report.accepted, report.rejected));
     Ok(report)
 }
 

@@ -27,21 +27,13 @@ pub struct ReplayArgs {
     pub quiet: bool,
 }
 
-pub async fn replay(
-    backend: &BackendArgs,
-    which: ProjectionName,
-    quiet: bool,
-) -> anyhow::Result<ReplayReport> {
+pub async fn replay(backend: &BackendArgs, which: ProjectionName, quiet: bool) -> anyhow::Result<ReplayReport> {
     let log = backend.open_log().await?;
     let db = backend.open_db().await?;
     let projection: Arc<dyn Projection> = match which {
         ProjectionName::Resources => Arc::new(ResourceProjection::new(&backend.topic_prefix)),
     };
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec}, eta {eta})",

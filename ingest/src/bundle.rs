@@ -30,35 +30,17 @@ fn entry_error(i: usize, code: IssueType, msg: impl Into<String>, field: &str) -
 /// Turns `entry[i]` into a change. POSTed resources get a fresh id, recorded in `assigned`
 /// under the entry's `fullUrl` so references to it can be rewritten.
 fn parse_entry(i: usize, entry: &Value, assigned: &mut HashMap<String, String>) -> Parsed {
-    let request = entry
-        .get("request")
-        .ok_or_else(|| entry_error(i, IssueType::Required, "entry has no request", "request"))?;
+    let request =
+        entry.get("request").ok_or_else(|| entry_error(i, IssueType::Required, "entry has no request", "request"))?;
     let method = request.get("method").and_then(Value::as_str).unwrap_or("");
-    let url = request
-        .get("url")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .trim_start_matches('/');
-    if url.contains('?')
-        || request.get("ifNoneExist").is_some()
-        || request.get("ifNoneMatch").is_some()
-    {
-        return Err(entry_error(
-            i,
-            IssueType::NotSupported,
-            "conditional operations are not supported",
-            "request.url",
-        ));
+    let url = request.get("url").and_then(Value::as_str).unwrap_or("").trim_start_matches('/');
+    if url.contains('?') || request.get("ifNoneExist").is_some() || request.get("ifNoneMatch").is_some() {
+        return Err(entry_error(i, IssueType::NotSupported, "conditional operations are not supported", "request.url"));
     }
     let if_match = match request.get("ifMatch").and_then(Value::as_str) {
         None => None,
         Some(v) => Some(parse_etag(v).ok_or_else(|| {
-            entry_error(
-                i,
-                IssueType::Value,
-                "ifMatch must be a version ETag such as W/\"3\"",
-                "request.ifMatch",
-            )
+            entry_error(i, IssueType::Value, "ifMatch must be a version ETag such as W/\"3\"", "request.ifMatch")
         })?),
     };
     let parts: Vec<&str> = url.split('/').collect();
@@ -69,10 +51,7 @@ fn parse_entry(i: usize, entry: &Value, assigned: &mut HashMap<String, String>) 
             return Err(entry_error(
                 i,
                 IssueType::Invalid,
-                format!(
-                    "{method} needs request.url '{{type}}{}'",
-                    if method == "POST" { "" } else { "/{id}" }
-                ),
+                format!("{method} needs request.url '{{type}}{}'", if method == "POST" { "" } else { "/{id}" }),
                 "request.url",
             ))
         }
@@ -94,12 +73,7 @@ fn parse_entry(i: usize, entry: &Value, assigned: &mut HashMap<String, String>) 
         ));
     }
     if !processors::validate::is_valid_id(&id) {
-        return Err(entry_error(
-            i,
-            IssueType::Value,
-            format!("'{id}' is not a valid id"),
-            "request.url",
-        ));
+        return Err(entry_error(i, IssueType::Value, format!("'{id}' is not a valid id"), "request.url"));
     }
     if let Some(full) = entry.get("fullUrl").and_then(Value::as_str) {
         if full.starts_with("urn:uuid:") || full.starts_with("urn:oid:") {
@@ -116,14 +90,10 @@ fn parse_entry(i: usize, entry: &Value, assigned: &mut HashMap<String, String>) 
             created: false,
         });
     }
-    let mut resource = entry.get("resource").cloned().ok_or_else(|| {
-        entry_error(
-            i,
-            IssueType::Required,
-            format!("{method} needs a resource"),
-            "resource",
-        )
-    })?;
+    let mut resource = entry
+        .get("resource")
+        .cloned()
+        .ok_or_else(|| entry_error(i, IssueType::Required, format!("{method} needs a resource"), "resource"))?;
     if created {
         if let Some(obj) = resource.as_object_mut() {
             obj.insert("id".into(), Value::String(id.clone()));
@@ -153,9 +123,7 @@ fn rewrite_references(v: &mut Value, assigned: &HashMap<String, String>) {
                 rewrite_references(child, assigned);
             }
         }
-        Value::Array(items) => items
-            .iter_mut()
-            .for_each(|c| rewrite_references(c, assigned)),
+        Value::Array(items) => items.iter_mut().for_each(|c| rewrite_references(c, assigned)),
         _ => {}
     }
 }
@@ -165,20 +133,12 @@ fn check(i: usize, change: &ResourceChange) -> Result<(), OperationOutcome> {
     processors::check_change(change, Some(&format!("Bundle.entry[{i}].resource")))
 }
 
-fn response_entry(
-    base: &str,
-    status: u16,
-    e: Option<&projections::EntryOutcome>,
-    outcome: Option<&Value>,
-) -> Value {
+fn response_entry(base: &str, status: u16, e: Option<&projections::EntryOutcome>, outcome: Option<&Value>) -> Value {
     let mut response = json!({"status": status.to_string()});
     if let Some(e) = e {
         if let Some(v) = e.version_id {
             if status != 204 {
-                response["location"] = Value::String(format!(
-                    "{base}/fhir/{}/{}/_history/{v}",
-                    e.resource_type, e.id
-                ));
+                response["location"] = Value::String(format!("{base}/fhir/{}/{}/_history/{v}", e.resource_type, e.id));
             }
             response["etag"] = Value::String(format!("W/\"{v}\""));
         }
@@ -194,8 +154,7 @@ fn response_entry(
 
 fn pending_entry(base: &str, event_id: &str) -> Value {
     let url = format!("{base}/fhir/_writes/{event_id}");
-    let oo =
-        OperationOutcome::information(format!("accepted and still being processed; poll {url}"));
+    let oo = OperationOutcome::information(format!("accepted and still being processed; poll {url}"));
     json!({"response": {"status": "202", "location": url, "outcome": oo.to_json()}})
 }
 
@@ -206,29 +165,25 @@ pub async fn batch_or_transaction(
 ) -> Result<Response, ApiError> {
     let bundle = json_body(&state, &headers, body).await?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return Err(ApiError::bad_request(
-            "POST /fhir takes a Bundle of type batch or transaction",
-        )
-        .at("resourceType"));
+        return Err(ApiError::bad_request("POST /fhir takes a Bundle of type batch or transaction").at("resourceType"));
     }
     let kind = bundle.get("type").and_then(Value::as_str).unwrap_or("");
     let entries = match bundle.get("entry") {
         None => &Vec::new(),
         Some(Value::Array(a)) => a,
         Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                IssueType::Structure,
-                "Bundle.entry must be an array",
-            )
-            .at("Bundle.entry"))
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, IssueType::Structure, "Bundle.entry must be an array")
+                .at("Bundle.entry"))
         }
     };
     if entries.len() > MAX_ENTRIES {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             IssueType::TooLong,
-            format!("{} entries exceed the limit of {MAX_ENTRIES} per Bundle; split it or use payerx load", entries.len()),
+            format!(
+                "{} entries exceed the limit of {MAX_ENTRIES} per Bundle; split it or use payerx load",
+                entries.len()
+            ),
         ));
     }
     let base = base_url(&state, &headers);
@@ -236,10 +191,10 @@ pub async fn batch_or_transaction(
     match kind {
         "batch" => batch(&state, &headers, &base, &corr, entries).await,
         "transaction" => transaction(&state, &headers, &base, &corr, entries).await,
-        other => Err(ApiError::bad_request(format!(
-            "Bundle.type '{other}' cannot be processed; use batch or transaction"
-        ))
-        .at("Bundle.type")),
+        other => {
+            Err(ApiError::bad_request(format!("Bundle.type '{other}' cannot be processed; use batch or transaction"))
+                .at("Bundle.type"))
+        }
     }
 }
 
@@ -273,10 +228,7 @@ async fn batch(
         })
         .collect();
     let _ = headers;
-    Ok(fhir_response(
-        StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "batch-response", "entry": out}),
-    ))
+    Ok(fhir_response(StatusCode::OK, &json!({"resourceType": "Bundle", "type": "batch-response", "entry": out})))
 }
 
 fn single_entry(base: &str, o: &WriteOutcome) -> Value {
@@ -296,8 +248,7 @@ async fn transaction(
     let mut changes = Vec::with_capacity(entries.len());
     for (i, entry) in entries.iter().enumerate() {
         changes.push(
-            parse_entry(i, entry, &mut assigned)
-                .map_err(|oo| ApiError::with_outcome(StatusCode::BAD_REQUEST, oo))?,
+            parse_entry(i, entry, &mut assigned).map_err(|oo| ApiError::with_outcome(StatusCode::BAD_REQUEST, oo))?,
         );
     }
     let mut seen = HashMap::new();
@@ -305,7 +256,15 @@ async fn transaction(
         if let Some(j) = seen.insert((c.resource_type.clone(), c.resource_id.clone()), i) {
             return Err(ApiError::with_outcome(
                 StatusCode::BAD_REQUEST,
-                entry_error(i, IssueType::Duplicate, format!("{}/{} is also written by entry {j}; a transaction may touch a resource once", c.resource_type, c.resource_id), "request.url"),
+                entry_error(
+                    i,
+                    IssueType::Duplicate,
+                    format!(
+                        "{}/{} is also written by entry {j}; a transaction may touch a resource once",
+                        c.resource_type, c.resource_id
+                    ),
+                    "request.url",
+                ),
             ));
         }
     }
@@ -326,40 +285,19 @@ async fn transaction(
             &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": []}),
         ));
     }
-    let mut waited = write::submit(
-        state,
-        vec![write::event(corr, WriteMode::Transaction, changes)],
-    )
-    .await?;
+    let mut waited = write::submit(state, vec![write::event(corr, WriteMode::Transaction, changes)]).await?;
     let o = match waited.remove(0) {
         Waited::Pending(id) => return Ok(write::pending_response(state, headers, &id)),
         Waited::Done(o) => o,
     };
     if o.status >= 300 {
-        let oo = o
-            .outcome
-            .as_ref()
-            .and_then(OperationOutcome::from_json)
-            .unwrap_or_else(|| {
-                OperationOutcome::error(
-                    IssueType::Processing,
-                    "the transaction was refused; nothing was written",
-                )
-            });
-        return Err(ApiError::with_outcome(
-            StatusCode::from_u16(o.status).unwrap_or(StatusCode::BAD_REQUEST),
-            oo,
-        ));
+        let oo = o.outcome.as_ref().and_then(OperationOutcome::from_json).unwrap_or_else(|| {
+            OperationOutcome::error(IssueType::Processing, "the transaction was refused; nothing was written")
+        });
+        return Err(ApiError::with_outcome(StatusCode::from_u16(o.status).unwrap_or(StatusCode::BAD_REQUEST), oo));
     }
-    let out: Vec<Value> = o
-        .entries
-        .iter()
-        .map(|e| response_entry(base, e.status, Some(e), None))
-        .collect();
-    Ok(fhir_response(
-        StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": out}),
-    ))
+    let out: Vec<Value> = o.entries.iter().map(|e| response_entry(base, e.status, Some(e), None)).collect();
+    Ok(fhir_response(StatusCode::OK, &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": out})))
 }
 
 #[cfg(test)]
@@ -371,8 +309,7 @@ mod tests {
     fn references_to_local_full_urls_are_rewritten() {
         let mut assigned = HashMap::new();
         assigned.insert("urn:uuid:1".to_string(), "Patient/abc".to_string());
-        let mut v =
-            json!({"subject": {"reference": "urn:uuid:1"}, "x": [{"reference": "Patient/other"}]});
+        let mut v = json!({"subject": {"reference": "urn:uuid:1"}, "x": [{"reference": "Patient/other"}]});
         rewrite_references(&mut v, &assigned);
         assert_eq!(v["subject"]["reference"], "Patient/abc");
         assert_eq!(v["x"][0]["reference"], "Patient/other");
@@ -381,32 +318,16 @@ mod tests {
     #[test]
     fn entries_are_parsed_with_precise_errors() {
         let mut a = HashMap::new();
-        let e = parse_entry(
-            3,
-            &json!({"request": {"method": "PATCH", "url": "Patient/1"}}),
-            &mut a,
-        )
-        .unwrap_err();
-        assert_eq!(
-            e.issue[0].expression,
-            vec!["Bundle.entry[3].request.method"]
-        );
-        let e = parse_entry(
-            0,
-            &json!({"request": {"method": "PUT", "url": "Patient"}}),
-            &mut a,
-        )
-        .unwrap_err();
+        let e = parse_entry(3, &json!({"request": {"method": "PATCH", "url": "Patient/1"}}), &mut a).unwrap_err();
+        assert_eq!(e.issue[0].expression, vec!["Bundle.entry[3].request.method"]);
+        let e = parse_entry(0, &json!({"request": {"method": "PUT", "url": "Patient"}}), &mut a).unwrap_err();
         assert_eq!(e.issue[0].expression, vec!["Bundle.entry[0].request.url"]);
         let c = parse_entry(0, &json!({"fullUrl": "urn:uuid:x", "request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}}), &mut a).unwrap();
         assert!(c.created);
         assert_eq!(a["urn:uuid:x"], format!("Patient/{}", c.resource_id));
-        let c = parse_entry(
-            0,
-            &json!({"request": {"method": "DELETE", "url": "Patient/1", "ifMatch": "W/\"2\""}}),
-            &mut a,
-        )
-        .unwrap();
+        let c =
+            parse_entry(0, &json!({"request": {"method": "DELETE", "url": "Patient/1", "ifMatch": "W/\"2\""}}), &mut a)
+                .unwrap();
         assert_eq!((c.action, c.if_match), (ChangeAction::Delete, Some(2)));
     }
 }

@@ -55,8 +55,5 @@ pub fn capability_statement(base: &str, max_body_bytes: usize) -> Value {
 
 pub async fn metadata(State(state): State<SharedState>, headers: HeaderMap) -> Response {
     let base = base_url(&state, &headers);
-    fhir_response(
-        StatusCode::OK,
-        &capability_statement(&base, state.config.max_body_bytes),
-    )
+    fhir_response(StatusCode::OK, &capability_statement(&base, state.config.max_body_bytes))
 }

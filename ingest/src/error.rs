@@ -16,19 +16,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: IssueType, msg: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            outcome: OperationOutcome::error(code, msg),
-            retry_after: None,
-        }
+        ApiError { status, outcome: OperationOutcome::error(code, msg), retry_after: None }
     }
 
     pub fn with_outcome(status: StatusCode, outcome: OperationOutcome) -> Self {
-        ApiError {
-            status,
-            outcome,
-            retry_after: None,
-        }
+        ApiError { status, outcome, retry_after: None }
     }
 
     pub fn at(mut self, expression: impl Into<String>) -> Self {
@@ -55,11 +47,7 @@ impl ApiError {
 
     pub fn internal(msg: impl std::fmt::Display) -> Self {
         tracing::error!(error = %msg, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            IssueType::Exception,
-            format!("internal error: {msg}"),
-        )
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, IssueType::Exception, format!("internal error: {msg}"))
     }
 }
 
@@ -87,8 +75,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = fhir_response(self.status, &self.outcome.to_json());
         if let Some(s) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp
     }
@@ -97,19 +84,13 @@ impl IntoResponse for ApiError {
 /// A FHIR JSON response.
 pub fn fhir_response(status: StatusCode, body: &serde_json::Value) -> Response {
     let mut resp = (status, body.to_string()).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+json; charset=utf-8"));
     resp
 }
 
 /// A FHIR JSON response from an already serialized body.
 pub fn fhir_raw(status: StatusCode, body: String) -> Response {
     let mut resp = (status, body).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+json; charset=utf-8"));
     resp
 }

@@ -1,8 +1,8 @@
 //! FHIR REST interactions on single resources: read, vread, history, create, update, delete.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::extract::{OriginalUri, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use processors::validate::{is_resource_type, is_valid_id};
@@ -20,14 +20,8 @@ pub fn base_url(state: &SharedState, headers: &HeaderMap) -> String {
     if let Some(b) = &state.config.base_url {
         return b.trim_end_matches('/').to_string();
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    let proto = headers
-        .get("x-forwarded-proto")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("http");
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let proto = headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()).unwrap_or("http");
     format!("{proto}://{host}")
 }
 
@@ -58,25 +52,10 @@ pub fn check_id(rtype: &str, id: &str) -> Result<(), ApiError> {
 
 /// Reads a JSON request body: checks the media type (415), the size (413, before parsing) and
 /// the JSON itself (400).
-pub async fn json_body(
-    state: &SharedState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Value, ApiError> {
-    let ctype = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let mime = ctype
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if !matches!(
-        mime.as_str(),
-        "application/fhir+json" | "application/json" | "application/json+fhir"
-    ) {
+pub async fn json_body(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
+    let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if !matches!(mime.as_str(), "application/fhir+json" | "application/json" | "application/json+fhir") {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IssueType::NotSupported,
@@ -91,10 +70,8 @@ pub async fn json_body(
             format!("the request body exceeds the limit of {limit} bytes (--max-body-bytes)"),
         )
     };
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
+    if let Some(len) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
     {
         if len > limit {
             return Err(too_large());
@@ -103,29 +80,16 @@ pub async fn json_body(
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
-        Err(e) => {
-            return Err(ApiError::bad_request(format!(
-                "could not read the request body: {e}"
-            )))
-        }
+        Err(e) => return Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
     };
     serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            IssueType::Structure,
-            format!("the body is not valid JSON: {e}"),
-        )
+        ApiError::new(StatusCode::BAD_REQUEST, IssueType::Structure, format!("the body is not valid JSON: {e}"))
     })
 }
 
 /// `W/"3"`, `"3"` or `3` → 3.
 pub fn parse_etag(value: &str) -> Option<i64> {
-    value
-        .trim()
-        .trim_start_matches("W/")
-        .trim_matches('"')
-        .parse()
-        .ok()
+    value.trim().trim_start_matches("W/").trim_matches('"').parse().ok()
 }
 
 fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
@@ -136,9 +100,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
             .ok()
             .and_then(parse_etag)
             .map(Some)
-            .ok_or_else(|| {
-                ApiError::bad_request("If-Match must be a version ETag such as W/\"3\"")
-            }),
+            .ok_or_else(|| ApiError::bad_request("If-Match must be a version ETag such as W/\"3\"")),
     }
 }
 
@@ -148,11 +110,7 @@ pub fn http_date(micros: i64) -> String {
 }
 
 /// A stored version as a response: body, `ETag`, `Last-Modified`.
-pub fn resource_response(
-    status: StatusCode,
-    r: &StoredResource,
-    location: Option<String>,
-) -> Response {
+pub fn resource_response(status: StatusCode, r: &StoredResource, location: Option<String>) -> Response {
     let mut resp = fhir_raw(status, r.content.clone().unwrap_or_default());
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&format!("W/\"{}\"", r.version_id)) {
@@ -171,10 +129,7 @@ fn gone(r: &StoredResource) -> ApiError {
     ApiError::new(
         StatusCode::GONE,
         IssueType::Deleted,
-        format!(
-            "{}/{} was deleted (version {})",
-            r.resource_type, r.id, r.version_id
-        ),
+        format!("{}/{} was deleted (version {})", r.resource_type, r.id, r.version_id),
     )
 }
 
@@ -203,15 +158,11 @@ pub async fn vread(
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
     check_id(&rtype, &id)?;
-    let v: i64 = vid
-        .parse()
-        .map_err(|_| ApiError::not_found(format!("'{vid}' is not a version of {rtype}/{id}")))?;
+    let v: i64 = vid.parse().map_err(|_| ApiError::not_found(format!("'{vid}' is not a version of {rtype}/{id}")))?;
     match state.store.vread(&rtype, &id, v).await? {
         Some(r) if r.deleted => Err(gone(&r)),
         Some(r) => Ok(resource_response(StatusCode::OK, &r, None)),
-        None => Err(ApiError::not_found(format!(
-            "{rtype}/{id} has no version {v}"
-        ))),
+        None => Err(ApiError::not_found(format!("{rtype}/{id} has no version {v}"))),
     }
 }
 
@@ -239,14 +190,9 @@ pub async fn history(
             .parse::<i64>()
             .ok()
             .filter(|c| (1..=1000).contains(c))
-            .ok_or_else(|| {
-                ApiError::bad_request("_count must be an integer from 1 to 1000").at("_count")
-            })?,
+            .ok_or_else(|| ApiError::bad_request("_count must be an integer from 1 to 1000").at("_count"))?,
     };
-    let versions = state
-        .store
-        .history(&rtype, &id, count + 1, q.before_version)
-        .await?;
+    let versions = state.store.history(&rtype, &id, count + 1, q.before_version).await?;
     if versions.is_empty() && q.before_version.is_none() {
         return Err(ApiError::not_found(format!("{rtype}/{id} is not known")));
     }
@@ -257,11 +203,11 @@ pub async fn history(
         .iter()
         .map(|r| {
             let full_url = format!("{base}/fhir/{rtype}/{id}");
-            let method = if r.deleted { "DELETE" } else if r.version_id == 1 { "POST" } else { "PUT" };
+            let method = r.method.as_deref().unwrap_or(if r.deleted { "DELETE" } else { "PUT" });
             let mut e = json!({
                 "fullUrl": full_url,
                 "request": {"method": method, "url": format!("{rtype}/{id}")},
-                "response": {"status": if r.deleted { "204" } else if r.version_id == 1 { "201" } else { "200" },
+                "response": {"status": if r.deleted { "204" } else if r.version_id == 1 || method == "POST" { "201" } else { "200" },
                              "etag": format!("W/\"{}\"", r.version_id), "lastModified": r.last_updated},
             });
             if let Some(c) = &r.content {
@@ -277,8 +223,7 @@ pub async fn history(
             links.push(json!({"relation": "next", "url": format!("{self_url}&_before-version={}", last.version_id)}));
         }
     }
-    let bundle =
-        json!({"resourceType": "Bundle", "type": "history", "link": links, "entry": entries});
+    let bundle = json!({"resourceType": "Bundle", "type": "history", "link": links, "entry": entries});
     Ok(fhir_response(StatusCode::OK, &bundle))
 }
 
@@ -291,9 +236,7 @@ fn upsert_change(
     created: bool,
 ) -> Result<ResourceChange, ApiError> {
     if !body.is_object() {
-        return Err(ApiError::bad_request(
-            "the body must be a FHIR resource (a JSON object)",
-        ));
+        return Err(ApiError::bad_request("the body must be a FHIR resource (a JSON object)"));
     }
     if created {
         // POST: the server assigns the id; an id in the body is ignored, as FHIR says.
@@ -312,11 +255,7 @@ fn upsert_change(
 }
 
 /// Answers a single-resource write from its outcome.
-async fn respond(
-    state: &SharedState,
-    headers: &HeaderMap,
-    waited: Waited,
-) -> Result<Response, ApiError> {
+async fn respond(state: &SharedState, headers: &HeaderMap, waited: Waited) -> Result<Response, ApiError> {
     let o: WriteOutcome = match waited {
         Waited::Pending(event_id) => return Ok(write::pending_response(state, headers, &event_id)),
         Waited::Done(o) => o,
@@ -325,48 +264,28 @@ async fn respond(
         Some(e) if o.status < 300 => e,
         _ => {
             let status = StatusCode::from_u16(o.status).unwrap_or(StatusCode::BAD_REQUEST);
-            let oo = o
-                .outcome
-                .as_ref()
-                .or(o.entries.first().and_then(|e| e.outcome.as_ref()));
-            let oo = oo.and_then(OperationOutcome::from_json).unwrap_or_else(|| {
-                OperationOutcome::error(IssueType::Processing, "the write was refused")
-            });
+            let oo = o.outcome.as_ref().or(o.entries.first().and_then(|e| e.outcome.as_ref()));
+            let oo = oo
+                .and_then(OperationOutcome::from_json)
+                .unwrap_or_else(|| OperationOutcome::error(IssueType::Processing, "the write was refused"));
             return Err(ApiError::with_outcome(status, oo));
         }
     };
     if entry.status == 204 {
         let mut resp = StatusCode::NO_CONTENT.into_response();
-        if let Some(v) = entry
-            .version_id
-            .and_then(|v| HeaderValue::from_str(&format!("W/\"{v}\"")).ok())
-        {
+        if let Some(v) = entry.version_id.and_then(|v| HeaderValue::from_str(&format!("W/\"{v}\"")).ok()) {
             resp.headers_mut().insert(header::ETAG, v);
         }
         return Ok(resp);
     }
     let v = entry.version_id.unwrap_or(1);
-    let stored = state
-        .store
-        .vread(&entry.resource_type, &entry.id, v)
-        .await?;
+    let stored = state.store.vread(&entry.resource_type, &entry.id, v).await?;
     let Some(stored) = stored else {
         // Applied, then superseded by a replay swap before we read it: report without a body.
-        return Ok(StatusCode::from_u16(entry.status)
-            .unwrap_or(StatusCode::OK)
-            .into_response());
+        return Ok(StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK).into_response());
     };
-    let location = format!(
-        "{}/fhir/{}/{}/_history/{v}",
-        base_url(state, headers),
-        entry.resource_type,
-        entry.id
-    );
-    Ok(resource_response(
-        StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK),
-        &stored,
-        Some(location),
-    ))
+    let location = format!("{}/fhir/{}/{}/_history/{v}", base_url(state, headers), entry.resource_type, entry.id);
+    Ok(resource_response(StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK), &stored, Some(location)))
 }
 
 pub async fn update(
@@ -380,11 +299,7 @@ pub async fn update(
     let body = json_body(&state, &headers, body).await?;
     let change = upsert_change(&rtype, &id, body, if_match(&headers)?, false)?;
     let corr = write::request_id(&headers);
-    let mut waited = write::submit(
-        &state,
-        vec![write::event(&corr, WriteMode::Single, vec![change])],
-    )
-    .await?;
+    let mut waited = write::submit(&state, vec![write::event(&corr, WriteMode::Single, vec![change])]).await?;
     respond(&state, &headers, waited.remove(0)).await
 }
 
@@ -395,15 +310,19 @@ pub async fn create(
     body: Body,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
+    if headers.contains_key("if-none-exist") {
+        // Ignoring it would create the duplicate the client is guarding against.
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            IssueType::NotSupported,
+            "conditional create (If-None-Exist) is not supported",
+        ));
+    }
     let body = json_body(&state, &headers, body).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let change = upsert_change(&rtype, &id, body, None, true)?;
     let corr = write::request_id(&headers);
-    let mut waited = write::submit(
-        &state,
-        vec![write::event(&corr, WriteMode::Single, vec![change])],
-    )
-    .await?;
+    let mut waited = write::submit(&state, vec![write::event(&corr, WriteMode::Single, vec![change])]).await?;
     respond(&state, &headers, waited.remove(0)).await
 }
 
@@ -423,11 +342,7 @@ pub async fn delete(
         created: false,
     };
     let corr = write::request_id(&headers);
-    let mut waited = write::submit(
-        &state,
-        vec![write::event(&corr, WriteMode::Single, vec![change])],
-    )
-    .await?;
+    let mut waited = write::submit(&state, vec![write::event(&corr, WriteMode::Single, vec![change])]).await?;
     respond(&state, &headers, waited.remove(0)).await
 }
 
@@ -440,11 +355,11 @@ pub async fn search_not_supported(Path(rtype): Path<String>) -> Result<Response,
     ))
 }
 
-pub async fn unknown_route(uri: Uri) -> ApiError {
+pub async fn unknown_route(OriginalUri(uri): OriginalUri) -> ApiError {
     ApiError::not_found(format!("no FHIR interaction at {}", uri.path()))
 }
 
-pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+pub async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         IssueType::NotSupported,

@@ -63,14 +63,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/metadata", get(capability::metadata))
         .route("/", post(bundle::batch_or_transaction))
         .route("/_writes/{event_id}", get(write::write_status))
-        .route(
-            "/{rtype}",
-            post(fhir::create).get(fhir::search_not_supported),
-        )
-        .route(
-            "/{rtype}/{id}",
-            get(fhir::read).put(fhir::update).delete(fhir::delete),
-        )
+        .route("/{rtype}", post(fhir::create).get(fhir::search_not_supported))
+        .route("/{rtype}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete))
         .route("/{rtype}/{id}/_history", get(fhir::history))
         .route("/{rtype}/{id}/_history/{vid}", get(fhir::vread))
         .fallback(fhir::unknown_route)

@@ -22,18 +22,8 @@ pub async fn healthz() -> impl IntoResponse {
 pub async fn readyz(State(state): State<SharedState>) -> Response {
     let mut checks = serde_json::Map::new();
     let started = state.ready.load(Ordering::Acquire);
-    checks.insert(
-        "startup".into(),
-        json!(if started { "ok" } else { "starting" }),
-    );
-    let log_ok = match state
-        .log
-        .partitions(&topics::full(
-            &state.config.topic_prefix,
-            topics::FHIR_SUBMISSIONS,
-        ))
-        .await
-    {
+    checks.insert("startup".into(), json!(if started { "ok" } else { "starting" }));
+    let log_ok = match state.log.partitions(&topics::full(&state.config.topic_prefix, topics::FHIR_SUBMISSIONS)).await {
         Ok(_) => "ok".to_string(),
         Err(e) => e.to_string(),
     };
@@ -44,39 +34,21 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     let ready = started && log_ok == "ok" && db_ok == "ok";
     checks.insert("log".into(), json!(log_ok));
     checks.insert("views".into(), json!(db_ok));
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        axum::Json(json!({"status": if ready { "ready" } else { "not ready" }, "checks": checks})),
-    )
-        .into_response()
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(json!({"status": if ready { "ready" } else { "not ready" }, "checks": checks}))).into_response()
 }
 
 async fn sqlx_ping(state: &SharedState) -> Result<(), String> {
-    state
-        .store
-        .outcome("00000000-0000-0000-0000-000000000000")
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    state.store.outcome("00000000-0000-0000-0000-000000000000").await.map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Prometheus text exposition.
 pub async fn metrics(State(state): State<SharedState>) -> Result<Response, ApiError> {
     let Some(h) = &state.metrics else {
-        return Err(ApiError::not_found(
-            "metrics are not enabled in this process",
-        ));
+        return Err(ApiError::not_found("metrics are not enabled in this process"));
     };
     let mut resp = h.render().into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     Ok(resp)
 }
 
@@ -84,11 +56,8 @@ pub async fn metrics(State(state): State<SharedState>) -> Result<Response, ApiEr
 pub async fn observe(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();

@@ -40,28 +40,16 @@ pub fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
-pub fn event(
-    correlation_id: &str,
-    mode: WriteMode,
-    changes: Vec<ResourceChange>,
-) -> ResourceChanged {
+pub fn event(correlation_id: &str, mode: WriteMode, changes: Vec<ResourceChange>) -> ResourceChanged {
     ResourceChanged {
-        envelope: Envelope::new(
-            ResourceChanged::EVENT_TYPE,
-            1,
-            correlation_id.to_string(),
-            None,
-        ),
+        envelope: Envelope::new(ResourceChanged::EVENT_TYPE, 1, correlation_id.to_string(), None),
         mode,
         changes,
     }
 }
 
 /// Appends events to the submissions topic in one durable append.
-pub async fn append(
-    state: &SharedState,
-    events: &[ResourceChanged],
-) -> Result<Vec<Appended>, ApiError> {
+pub async fn append(state: &SharedState, events: &[ResourceChanged]) -> Result<Vec<Appended>, ApiError> {
     let topic = topics::full(&state.config.topic_prefix, topics::FHIR_SUBMISSIONS);
     let mut records = Vec::with_capacity(events.len());
     for ev in events {
@@ -74,25 +62,13 @@ pub async fn append(
         );
     }
     state.log.append(records).await?;
-    metrics::counter!("payerx_events_appended_total", "topic" => topic)
-        .increment(events.len() as u64);
-    Ok(events
-        .iter()
-        .map(|e| Appended {
-            event_id: e.envelope.event_id.clone(),
-        })
-        .collect())
+    metrics::counter!("payerx_events_appended_total", "topic" => topic).increment(events.len() as u64);
+    Ok(events.iter().map(|e| Appended { event_id: e.envelope.event_id.clone() }).collect())
 }
 
 /// Appends and waits for every outcome, each until the configured deadline.
-pub async fn submit(
-    state: &SharedState,
-    events: Vec<ResourceChanged>,
-) -> Result<Vec<Waited>, ApiError> {
-    let receivers: Vec<_> = events
-        .iter()
-        .map(|e| state.notifier.register(&e.envelope.event_id))
-        .collect();
+pub async fn submit(state: &SharedState, events: Vec<ResourceChanged>) -> Result<Vec<Waited>, ApiError> {
+    let receivers: Vec<_> = events.iter().map(|e| state.notifier.register(&e.envelope.event_id)).collect();
     let appended = match append(state, &events).await {
         Ok(a) => a,
         Err(e) => {
@@ -103,10 +79,7 @@ pub async fn submit(
         }
     };
     let deadline = Instant::now() + state.config.write_wait;
-    let waits = appended
-        .into_iter()
-        .zip(receivers)
-        .map(|(a, rx)| wait(state, a.event_id, rx, deadline));
+    let waits = appended.into_iter().zip(receivers).map(|(a, rx)| wait(state, a.event_id, rx, deadline));
     futures::future::try_join_all(waits).await
 }
 
@@ -146,10 +119,7 @@ async fn wait(
 
 /// 202 Accepted for a write still in flight.
 pub fn pending_response(state: &SharedState, headers: &HeaderMap, event_id: &str) -> Response {
-    let url = format!(
-        "{}/fhir/_writes/{event_id}",
-        crate::fhir::base_url(state, headers)
-    );
+    let url = format!("{}/fhir/_writes/{event_id}", crate::fhir::base_url(state, headers));
     let oo = OperationOutcome::information(format!(
         "the write was accepted and is being processed; poll {url} for its outcome"
     ));
@@ -157,8 +127,7 @@ pub fn pending_response(state: &SharedState, headers: &HeaderMap, event_id: &str
     if let Ok(v) = HeaderValue::from_str(&url) {
         resp.headers_mut().insert(header::CONTENT_LOCATION, v);
     }
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(1));
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
     resp
 }
 
@@ -169,9 +138,7 @@ pub async fn write_status(
     Path(event_id): Path<String>,
 ) -> Result<Response, ApiError> {
     if uuid::Uuid::parse_str(&event_id).is_err() {
-        return Err(ApiError::bad_request(format!(
-            "'{event_id}' is not a write id"
-        )));
+        return Err(ApiError::bad_request(format!("'{event_id}' is not a write id")));
     }
     match state.store.outcome(&event_id).await? {
         Some(o) => Ok(fhir_response(StatusCode::OK, &outcome_json(&o)).into_response()),

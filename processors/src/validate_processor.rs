@@ -4,7 +4,6 @@
 //! once; this stage guards everything else that produces to the submissions topic.
 
 use runtime::{Consumed, ProcessError, Processor, Record};
-use schemas::outcome::Issue;
 use schemas::topics::{self, headers};
 use schemas::{ChangeAction, IssueType, OperationOutcome, ResourceChange, ResourceChanged};
 
@@ -14,7 +13,7 @@ use crate::validate::{is_resource_type, is_valid_id, validate_resource};
 /// issue expressions point at the exact element.
 pub fn check_change(change: &ResourceChange, prefix: Option<&str>) -> Result<(), OperationOutcome> {
     let at = |expr: &str| match prefix {
-        Some(p) => format!("{p}.{expr}"),
+        Some(p) => rebase(expr, &change.resource_type, p),
         None => expr.to_string(),
     };
     if !is_resource_type(&change.resource_type) {
@@ -27,10 +26,7 @@ pub fn check_change(change: &ResourceChange, prefix: Option<&str>) -> Result<(),
     if !is_valid_id(&change.resource_id) {
         return Err(OperationOutcome::error(
             IssueType::Value,
-            format!(
-                "'{}' is not a valid id (1-64 of A-Z a-z 0-9 - .)",
-                change.resource_id
-            ),
+            format!("'{}' is not a valid id (1-64 of A-Z a-z 0-9 - .)", change.resource_id),
         )
         .at(at(&format!("{}.id", change.resource_type))));
     }
@@ -38,18 +34,12 @@ pub fn check_change(change: &ResourceChange, prefix: Option<&str>) -> Result<(),
         ChangeAction::Delete => Ok(()),
         ChangeAction::Upsert => {
             let Some(body) = change.resource.as_deref() else {
-                return Err(OperationOutcome::error(
-                    IssueType::Required,
-                    "an upsert needs a resource body",
-                )
-                .at(at(&change.resource_type)));
+                return Err(OperationOutcome::error(IssueType::Required, "an upsert needs a resource body")
+                    .at(at(&change.resource_type)));
             };
             let value: serde_json::Value = serde_json::from_str(body).map_err(|e| {
-                OperationOutcome::error(
-                    IssueType::Structure,
-                    format!("resource is not valid JSON: {e}"),
-                )
-                .at(at(&change.resource_type))
+                OperationOutcome::error(IssueType::Structure, format!("resource is not valid JSON: {e}"))
+                    .at(at(&change.resource_type))
             })?;
             check_resource(&value, &change.resource_type, &change.resource_id, prefix)
         }
@@ -64,7 +54,7 @@ pub fn check_resource(
     prefix: Option<&str>,
 ) -> Result<(), OperationOutcome> {
     let at = |expr: &str| match prefix {
-        Some(p) => format!("{p}.{expr}"),
+        Some(p) => rebase(expr, rtype, p),
         None => expr.to_string(),
     };
     let body_type = value.get("resourceType").and_then(|v| v.as_str());
@@ -89,27 +79,34 @@ pub fn check_resource(
         }
         None => {
             return Err(
-                OperationOutcome::error(IssueType::Required, "resource has no id")
-                    .at(at(&format!("{rtype}.id"))),
+                OperationOutcome::error(IssueType::Required, "resource has no id").at(at(&format!("{rtype}.id")))
             )
         }
     }
     validate_resource(value).map_err(|issues| {
-        let mut oo = OperationOutcome {
-            issue: Vec::with_capacity(issues.len()),
-        };
+        let mut oo = OperationOutcome { issue: Vec::with_capacity(issues.len()) };
         for mut i in issues {
             if let Some(p) = prefix {
-                i.expression = i
-                    .expression
-                    .into_iter()
-                    .map(|e| format!("{p}.{e}"))
-                    .collect();
+                // Inside a Bundle the FHIRPath continues from the entry: `Bundle.entry[1].resource.birthDate`.
+                i.expression = i.expression.into_iter().map(|e| rebase(&e, rtype, p)).collect();
+                i.diagnostics = i.diagnostics.map(|d| match d.split_once(": ") {
+                    Some((path, rest)) if path.starts_with(rtype) => format!("{}: {rest}", rebase(path, rtype, p)),
+                    _ => d,
+                });
             }
-            oo.push(Issue { ..i });
+            oo.push(i);
         }
         oo
     })
+}
+
+/// `Patient.birthDate` under prefix `Bundle.entry[1].resource` → `Bundle.entry[1].resource.birthDate`.
+fn rebase(expression: &str, rtype: &str, prefix: &str) -> String {
+    match expression.strip_prefix(rtype) {
+        Some("") => prefix.to_string(),
+        Some(rest) if rest.starts_with('.') => format!("{prefix}{rest}"),
+        _ => format!("{prefix}.{expression}"),
+    }
 }
 
 pub struct ValidateProcessor {
@@ -131,10 +128,7 @@ impl ValidateProcessor {
 }
 
 fn permanent(oo: OperationOutcome) -> ProcessError {
-    ProcessError::Permanent {
-        reason: oo.summary(),
-        outcome: Some(oo.to_json().to_string()),
-    }
+    ProcessError::Permanent { reason: oo.summary(), outcome: Some(oo.to_json().to_string()) }
 }
 
 impl Processor for ValidateProcessor {
@@ -152,16 +146,10 @@ impl Processor for ValidateProcessor {
 
     fn process(&self, input: &Consumed) -> Result<Vec<Record>, ProcessError> {
         let ev: ResourceChanged = schemas::decode_event(&input.value).map_err(|e| {
-            permanent(OperationOutcome::error(
-                IssueType::Structure,
-                format!("not a ResourceChanged event: {e}"),
-            ))
+            permanent(OperationOutcome::error(IssueType::Structure, format!("not a ResourceChanged event: {e}")))
         })?;
         if ev.changes.is_empty() {
-            return Err(permanent(OperationOutcome::error(
-                IssueType::Required,
-                "the event has no changes",
-            )));
+            return Err(permanent(OperationOutcome::error(IssueType::Required, "the event has no changes")));
         }
         let many = ev.changes.len() > 1;
         for (i, c) in ev.changes.iter().enumerate() {
@@ -180,21 +168,12 @@ impl Processor for ValidateProcessor {
             mode: ev.mode,
             changes: ev.changes,
         };
-        let value = schemas::encode_event(&out).map_err(|e| ProcessError::Permanent {
-            reason: e.to_string(),
-            outcome: None,
-        })?;
-        Ok(vec![Record::new(
-            self.changes.clone(),
-            input.key.clone(),
-            value,
-        )
-        .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
-        .header(headers::EVENT_ID, out.envelope.event_id.clone())
-        .header(
-            headers::CORRELATION_ID,
-            out.envelope.correlation_id.clone(),
-        )])
+        let value = schemas::encode_event(&out)
+            .map_err(|e| ProcessError::Permanent { reason: e.to_string(), outcome: None })?;
+        Ok(vec![Record::new(self.changes.clone(), input.key.clone(), value)
+            .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
+            .header(headers::EVENT_ID, out.envelope.event_id.clone())
+            .header(headers::CORRELATION_ID, out.envelope.correlation_id.clone())])
     }
 }
 
@@ -248,20 +227,11 @@ mod tests {
         assert_eq!(out[0].topic, "payerx.fhir.changes");
         assert_eq!(out[0].key, "Patient/p1");
         let again = p.process(&input).unwrap();
-        assert_eq!(
-            out[0].value, again[0].value,
-            "redelivery derives the same event"
-        );
+        assert_eq!(out[0].value, again[0].value, "redelivery derives the same event");
         let fwd: ResourceChanged = schemas::decode_event(&out[0].value).unwrap();
         assert_eq!(
             fwd.envelope.causation_id.as_deref(),
-            Some(
-                schemas::decode_event::<ResourceChanged>(&input.value)
-                    .unwrap()
-                    .envelope
-                    .event_id
-                    .as_str()
-            )
+            Some(schemas::decode_event::<ResourceChanged>(&input.value).unwrap().envelope.event_id.as_str())
         );
     }
 
@@ -269,59 +239,28 @@ mod tests {
     fn refuses_with_the_element_named() {
         let p = ValidateProcessor::new("payerx.");
         let bad = r#"{"resourceType":"Patient","id":"p1","birthDate":"1980-13-45"}"#;
-        let err = p
-            .process(&consumed(&event(vec![change(bad, "Patient", "p1")])))
-            .unwrap_err();
-        let ProcessError::Permanent {
-            outcome: Some(oo), ..
-        } = err
-        else {
-            panic!("expected a permanent error")
-        };
+        let err = p.process(&consumed(&event(vec![change(bad, "Patient", "p1")]))).unwrap_err();
+        let ProcessError::Permanent { outcome: Some(oo), .. } = err else { panic!("expected a permanent error") };
         assert!(oo.contains("Patient.birthDate"), "{oo}");
     }
 
     #[test]
     fn transaction_entries_are_named_by_index() {
         let ok = change(r#"{"resourceType":"Patient","id":"a"}"#, "Patient", "a");
-        let bad = change(
-            r#"{"resourceType":"Patient","id":"b","active":"yes"}"#,
-            "Patient",
-            "b",
-        );
+        let bad = change(r#"{"resourceType":"Patient","id":"b","active":"yes"}"#, "Patient", "b");
         let err = check_change(&bad, Some("Bundle.entry[1].resource")).unwrap_err();
-        assert!(
-            err.issue[0].expression[0].starts_with("Bundle.entry[1].resource.Patient.active"),
-            "{:?}",
-            err
-        );
+        assert!(err.issue[0].expression[0].starts_with("Bundle.entry[1].resource.active"), "{:?}", err);
         assert!(check_change(&ok, None).is_ok());
     }
 
     #[test]
     fn unknown_type_bad_id_and_mismatches() {
-        assert!(check_change(
-            &change(r#"{"resourceType":"Patience","id":"a"}"#, "Patience", "a"),
-            None
-        )
-        .is_err());
-        let e = check_change(
-            &change(r#"{"resourceType":"Patient","id":"a b"}"#, "Patient", "a b"),
-            None,
-        )
-        .unwrap_err();
+        assert!(check_change(&change(r#"{"resourceType":"Patience","id":"a"}"#, "Patience", "a"), None).is_err());
+        let e = check_change(&change(r#"{"resourceType":"Patient","id":"a b"}"#, "Patient", "a b"), None).unwrap_err();
         assert_eq!(e.issue[0].expression, vec!["Patient.id"]);
-        let e = check_change(
-            &change(r#"{"resourceType":"Patient","id":"x"}"#, "Patient", "y"),
-            None,
-        )
-        .unwrap_err();
+        let e = check_change(&change(r#"{"resourceType":"Patient","id":"x"}"#, "Patient", "y"), None).unwrap_err();
         assert_eq!(e.issue[0].expression, vec!["Patient.id"]);
-        let e = check_change(
-            &change(r#"{"resourceType":"Coverage","id":"x"}"#, "Patient", "x"),
-            None,
-        )
-        .unwrap_err();
+        let e = check_change(&change(r#"{"resourceType":"Coverage","id":"x"}"#, "Patient", "x"), None).unwrap_err();
         assert_eq!(e.issue[0].expression, vec!["resourceType"]);
         let e = check_change(&change("{not json", "Patient", "x"), None).unwrap_err();
         assert_eq!(e.issue[0].code, IssueType::Structure);
@@ -339,9 +278,6 @@ mod tests {
             headers: vec![],
             timestamp_ms: 0,
         };
-        assert!(matches!(
-            p.process(&input),
-            Err(ProcessError::Permanent { .. })
-        ));
+        assert!(matches!(p.process(&input), Err(ProcessError::Permanent { .. })));
     }
 }

@@ -26,10 +26,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 impl Db {
     /// The embedded default: `<data_dir>/views.sqlite`.
     pub fn sqlite_url(data_dir: &Path) -> String {
-        format!(
-            "sqlite://{}?mode=rwc",
-            data_dir.join("views.sqlite").display()
-        )
+        format!("sqlite://{}?mode=rwc", data_dir.join("views.sqlite").display())
     }
 
     /// Connects to `sqlite://…` or `postgres://…` and applies the migrations.
@@ -45,10 +42,7 @@ impl Db {
             )));
         };
         if backend == Backend::Sqlite {
-            if let Some(path) = url
-                .strip_prefix("sqlite://")
-                .and_then(|p| p.split('?').next())
-            {
+            if let Some(path) = url.strip_prefix("sqlite://").and_then(|p| p.split('?').next()) {
                 if let Some(parent) = Path::new(path).parent() {
                     let _ = std::fs::create_dir_all(parent);
                 }

@@ -28,12 +28,11 @@ pub async fn replay(
 ) -> Result<ReplayReport, ProjectionError> {
     let name = projection.name();
     let old = active_generation(db, projection.as_ref()).await?;
-    let building: Option<i64> =
-        sqlx::query("SELECT building FROM view_generations WHERE projection = $1")
-            .bind(name)
-            .fetch_one(&db.pool)
-            .await?
-            .try_get(0)?;
+    let building: Option<i64> = sqlx::query("SELECT building FROM view_generations WHERE projection = $1")
+        .bind(name)
+        .fetch_one(&db.pool)
+        .await?
+        .try_get(0)?;
     let new = old.max(building.unwrap_or(0)) + 1;
     // A leftover from an interrupted replay is discarded: start clean.
     projection.drop_generation(db, new).await?;
@@ -64,23 +63,17 @@ pub async fn replay(
         let mut tx = db.pool.begin().await?;
         let (applied, end) = progress(db, log.as_ref(), projection.as_ref(), new).await?;
         if applied >= end {
-            sqlx::query(
-                "UPDATE view_generations SET active = $1, building = NULL WHERE projection = $2",
-            )
-            .bind(new)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query("UPDATE view_generations SET active = $1, building = NULL WHERE projection = $2")
+                .bind(new)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             on_progress(applied, end);
             // Give readers holding the old generation a moment before its tables go.
             tokio::time::sleep(Duration::from_secs(1)).await;
             projection.drop_generation(db, old).await?;
-            return Ok(ReplayReport {
-                old_generation: old,
-                new_generation: new,
-                events: applied,
-            });
+            return Ok(ReplayReport { old_generation: old, new_generation: new, events: applied });
         }
         tx.rollback().await?;
     }

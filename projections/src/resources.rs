@@ -28,9 +28,7 @@ fn history_table(generation: i64) -> String {
 pub fn instant(micros: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let f = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
     t.format(&f).unwrap_or_default()
 }
 
@@ -59,18 +57,13 @@ async fn current(
     rtype: &str,
     id: &str,
 ) -> Result<Option<Current>, ProjectionError> {
-    let row = sqlx::query(&format!(
-        "SELECT version_id, deleted FROM {table} WHERE resource_type = $1 AND id = $2"
-    ))
-    .bind(rtype)
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await?;
+    let row = sqlx::query(&format!("SELECT version_id, deleted FROM {table} WHERE resource_type = $1 AND id = $2"))
+        .bind(rtype)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
     Ok(match row {
-        Some(r) => Some(Current {
-            version_id: r.try_get(0)?,
-            deleted: r.try_get::<i64, _>(1)? != 0,
-        }),
+        Some(r) => Some(Current { version_id: r.try_get(0)?, deleted: r.try_get::<i64, _>(1)? != 0 }),
         None => None,
     })
 }
@@ -95,18 +88,13 @@ async fn record_outcome(
 fn stamp(resource: &str, version_id: i64, last_updated: &str) -> Result<String, String> {
     let mut v: Value = serde_json::from_str(resource).map_err(|e| e.to_string())?;
     let obj = v.as_object_mut().ok_or("resource is not a JSON object")?;
-    let meta = obj
-        .entry("meta")
-        .or_insert_with(|| Value::Object(Default::default()));
+    let meta = obj.entry("meta").or_insert_with(|| Value::Object(Default::default()));
     if !meta.is_object() {
         *meta = Value::Object(Default::default());
     }
     if let Some(m) = meta.as_object_mut() {
         m.insert("versionId".into(), Value::String(version_id.to_string()));
-        m.insert(
-            "lastUpdated".into(),
-            Value::String(last_updated.to_string()),
-        );
+        m.insert("lastUpdated".into(), Value::String(last_updated.to_string()));
     }
     serde_json::to_string(&v).map_err(|e| e.to_string())
 }
@@ -163,16 +151,9 @@ impl ResourceProjection {
                 })
                 .collect::<Vec<_>>();
             let outcome = entries.iter().find_map(|e| e.outcome.clone());
-            let status = if ev.mode == WriteMode::Transaction && ev.changes.len() > 1 {
-                412
-            } else {
-                entries[0].status
-            };
-            return Ok(WriteOutcome {
-                status,
-                entries,
-                outcome,
-            });
+            let status =
+                if ev.mode == WriteMode::Transaction && ev.changes.len() > 1 { 412 } else { entries[0].status };
+            return Ok(WriteOutcome { status, entries, outcome });
         }
         let mut entries = Vec::with_capacity(ev.changes.len());
         for (c, cur) in ev.changes.iter().zip(currents) {
@@ -180,11 +161,7 @@ impl ResourceProjection {
                 ChangeAction::Upsert => {
                     let version_id = cur.as_ref().map_or(1, |c| c.version_id + 1);
                     let created = cur.as_ref().is_none_or(|c| c.deleted);
-                    let content = match stamp(
-                        c.resource.as_deref().unwrap_or(""),
-                        version_id,
-                        &last_updated,
-                    ) {
+                    let content = match stamp(c.resource.as_deref().unwrap_or(""), version_id, &last_updated) {
                         Ok(s) => s,
                         Err(e) => {
                             // Validated upstream; a broken body here means a producer skipped validation.
@@ -192,15 +169,11 @@ impl ResourceProjection {
                                 IssueType::Structure,
                                 format!("resource body is not a JSON object: {e}"),
                             );
-                            return Ok(WriteOutcome {
-                                status: 400,
-                                entries: vec![],
-                                outcome: Some(oo.to_json()),
-                            });
+                            return Ok(WriteOutcome { status: 400, entries: vec![], outcome: Some(oo.to_json()) });
                         }
                     };
                     sqlx::query(&format!(
-                        "INSERT INTO {hist_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content, event_id) VALUES ($1, $2, $3, $4, $5, 0, $6, $7)"
+                        "INSERT INTO {hist_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content, event_id, method) VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8)"
                     ))
                     .bind(c.resource_type.as_str())
                     .bind(c.resource_id.as_str())
@@ -209,6 +182,7 @@ impl ResourceProjection {
                     .bind(ev.envelope.occurred_at)
                     .bind(content.as_str())
                     .bind(ev.envelope.event_id.as_str())
+                    .bind(if c.created { "POST" } else { "PUT" })
                     .execute(&mut **tx)
                     .await?;
                     sqlx::query(&format!(
@@ -237,7 +211,7 @@ impl ResourceProjection {
                     Some(cur) if !cur.deleted => {
                         let version_id = cur.version_id + 1;
                         sqlx::query(&format!(
-                            "INSERT INTO {hist_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content, event_id) VALUES ($1, $2, $3, $4, $5, 1, NULL, $6)"
+                            "INSERT INTO {hist_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content, event_id, method) VALUES ($1, $2, $3, $4, $5, 1, NULL, $6, 'DELETE')"
                         ))
                         .bind(c.resource_type.as_str())
                         .bind(c.resource_id.as_str())
@@ -279,11 +253,7 @@ impl ResourceProjection {
             }
         }
         let status = entries.first().map_or(200, |e| e.status);
-        Ok(WriteOutcome {
-            status,
-            entries,
-            outcome: None,
-        })
+        Ok(WriteOutcome { status, entries, outcome: None })
     }
 }
 
@@ -309,6 +279,7 @@ impl Projection for ResourceProjection {
             format!(
                 "CREATE TABLE IF NOT EXISTS {hist} (resource_type TEXT NOT NULL, id TEXT NOT NULL, version_id BIGINT NOT NULL,
                  last_updated TEXT NOT NULL, last_updated_us BIGINT NOT NULL, deleted BIGINT NOT NULL, content TEXT, event_id TEXT NOT NULL,
+                 method TEXT NOT NULL,
                  PRIMARY KEY (resource_type, id, version_id))"
             ),
             format!("CREATE INDEX IF NOT EXISTS {hist}_event ON {hist} (event_id)"),
@@ -321,9 +292,7 @@ impl Projection for ResourceProjection {
 
     async fn drop_generation(&self, db: &Db, generation: i64) -> Result<(), ProjectionError> {
         for t in [current_table(generation), history_table(generation)] {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-                .execute(&db.pool)
-                .await?;
+            sqlx::query(&format!("DROP TABLE IF EXISTS {t}")).execute(&db.pool).await?;
         }
         sqlx::query("DELETE FROM projection_offsets WHERE projection = $1 AND generation = $2")
             .bind(NAME)
@@ -348,8 +317,7 @@ impl Projection for ResourceProjection {
                     // The validate processor only forwards decodable events; anything else was
                     // produced around it. Skip it visibly rather than block the view.
                     tracing::error!(source = r.coordinates(), error = %e, "undecodable event skipped by the resource projection");
-                    metrics::counter!("payerx_projection_skipped_total", "projection" => NAME)
-                        .increment(1);
+                    metrics::counter!("payerx_projection_skipped_total", "projection" => NAME).increment(1);
                     continue;
                 }
             };
@@ -364,21 +332,15 @@ impl Projection for ResourceProjection {
                         )
                         .to_json()
                     });
-                WriteOutcome {
-                    status: 400,
-                    entries: vec![],
-                    outcome: Some(oo),
-                }
+                WriteOutcome { status: 400, entries: vec![], outcome: Some(oo) }
             } else {
                 // A redelivered event (same id) was applied already: applying it again would
                 // create a second version.
-                let seen = sqlx::query(&format!(
-                    "SELECT 1 FROM {hist_t} WHERE event_id = $1 LIMIT 1"
-                ))
-                .bind(ev.envelope.event_id.as_str())
-                .fetch_optional(&mut **tx)
-                .await?
-                .is_some();
+                let seen = sqlx::query(&format!("SELECT 1 FROM {hist_t} WHERE event_id = $1 LIMIT 1"))
+                    .bind(ev.envelope.event_id.as_str())
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .is_some();
                 if seen {
                     continue;
                 }
@@ -404,6 +366,8 @@ pub struct StoredResource {
     pub deleted: bool,
     /// JSON with `meta.versionId`/`meta.lastUpdated` set; `None` when deleted.
     pub content: Option<String>,
+    /// The interaction that made this version (`POST`, `PUT`, `DELETE`); history reads only.
+    pub method: Option<String>,
 }
 
 /// The query side of the resource view.
@@ -424,6 +388,7 @@ fn stored(r: &sqlx::any::AnyRow, rtype: &str, id: &str) -> Result<StoredResource
         last_updated_us: r.try_get(2)?,
         deleted: r.try_get::<i64, _>(3)? != 0,
         content: r.try_get(4)?,
+        method: r.try_get::<String, _>(5).ok(),
     })
 }
 
@@ -454,11 +419,7 @@ impl ResourceStore {
     }
 
     /// The current version (possibly a deletion marker), if the resource was ever written.
-    pub async fn read(
-        &self,
-        rtype: &str,
-        id: &str,
-    ) -> Result<Option<StoredResource>, ProjectionError> {
+    pub async fn read(&self, rtype: &str, id: &str) -> Result<Option<StoredResource>, ProjectionError> {
         let t = current_table(self.generation().await?);
         let row = sqlx::query(&format!("SELECT version_id, last_updated, last_updated_us, deleted, content FROM {t} WHERE resource_type = $1 AND id = $2"))
             .bind(rtype)
@@ -496,7 +457,7 @@ impl ResourceStore {
     ) -> Result<Vec<StoredResource>, ProjectionError> {
         let t = history_table(self.generation().await?);
         let rows = sqlx::query(&format!(
-            "SELECT version_id, last_updated, last_updated_us, deleted, content FROM {t}
+            "SELECT version_id, last_updated, last_updated_us, deleted, content, method FROM {t}
              WHERE resource_type = $1 AND id = $2 AND version_id < $3 ORDER BY version_id DESC LIMIT $4"
         ))
         .bind(rtype)
@@ -505,24 +466,21 @@ impl ResourceStore {
         .bind(count)
         .fetch_all(&self.db.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|r| stored(r, rtype, id))
-            .collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(|r| stored(r, rtype, id)).collect::<Result<_, _>>()?)
     }
 
     /// Every current row of the view, ordered, for comparing two views (tests, replay checks).
     pub async fn snapshot(&self) -> Result<Vec<StoredResource>, ProjectionError> {
         let t = current_table(self.generation().await?);
         let rows = sqlx::query(&format!(
-            "SELECT version_id, last_updated, last_updated_us, deleted, content, resource_type, id FROM {t} ORDER BY resource_type, id"
+            "SELECT version_id, last_updated, last_updated_us, deleted, content, CAST(NULL AS TEXT), resource_type, id FROM {t} ORDER BY resource_type, id"
         ))
         .fetch_all(&self.db.pool)
         .await?;
         rows.iter()
             .map(|r| {
-                let rtype: String = r.try_get(5)?;
-                let id: String = r.try_get(6)?;
+                let rtype: String = r.try_get(6)?;
+                let id: String = r.try_get(7)?;
                 Ok(stored(r, &rtype, &id)?)
             })
             .collect()
@@ -530,12 +488,10 @@ impl ResourceStore {
 
     pub async fn count(&self, rtype: &str) -> Result<i64, ProjectionError> {
         let t = current_table(self.generation().await?);
-        let row = sqlx::query(&format!(
-            "SELECT COUNT(*) FROM {t} WHERE resource_type = $1 AND deleted = 0"
-        ))
-        .bind(rtype)
-        .fetch_one(&self.db.pool)
-        .await?;
+        let row = sqlx::query(&format!("SELECT COUNT(*) FROM {t} WHERE resource_type = $1 AND deleted = 0"))
+            .bind(rtype)
+            .fetch_one(&self.db.pool)
+            .await?;
         Ok(row.try_get(0)?)
     }
 
@@ -548,9 +504,7 @@ impl ResourceStore {
         match row {
             Some(r) => {
                 let body: String = r.try_get(0)?;
-                serde_json::from_str(&body)
-                    .map(Some)
-                    .map_err(|e| ProjectionError::Other(e.to_string()))
+                serde_json::from_str(&body).map(Some).map_err(|e| ProjectionError::Other(e.to_string()))
             }
             None => Ok(None),
         }

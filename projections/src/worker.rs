@@ -35,10 +35,7 @@ pub trait Projection: Send + Sync + 'static {
 }
 
 /// The generation a projection serves, creating generation 1 on first use.
-pub async fn active_generation(
-    db: &Db,
-    projection: &dyn Projection,
-) -> Result<i64, ProjectionError> {
+pub async fn active_generation(db: &Db, projection: &dyn Projection) -> Result<i64, ProjectionError> {
     let row = sqlx::query("SELECT active FROM view_generations WHERE projection = $1")
         .bind(projection.name())
         .fetch_optional(&db.pool)
@@ -59,17 +56,16 @@ pub async fn load_offsets(
     projection: &str,
     generation: i64,
 ) -> Result<HashMap<(String, i32), i64>, ProjectionError> {
-    let rows = sqlx::query("SELECT topic, partition_id, next_offset FROM projection_offsets WHERE projection = $1 AND generation = $2")
-        .bind(projection)
-        .bind(generation)
-        .fetch_all(&db.pool)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT topic, partition_id, next_offset FROM projection_offsets WHERE projection = $1 AND generation = $2",
+    )
+    .bind(projection)
+    .bind(generation)
+    .fetch_all(&db.pool)
+    .await?;
     let mut out = HashMap::new();
     for r in rows {
-        out.insert(
-            (r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as i32),
-            r.try_get::<i64, _>(2)?,
-        );
+        out.insert((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as i32), r.try_get::<i64, _>(2)?);
     }
     Ok(out)
 }
@@ -138,17 +134,13 @@ impl ProjectionWorker {
             match self.follow(pinned, &shutdown, &done).await {
                 Ok(Step::Stop) => return Ok(()),
                 Ok(Step::Reload) => {
-                    tracing::info!(
-                        projection = name,
-                        "served generation changed; reloading offsets"
-                    );
+                    tracing::info!(projection = name, "served generation changed; reloading offsets");
                     backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
                     // Nothing of the failed batch was committed: start again from the stored offsets.
                     tracing::error!(projection = name, error = %e, retriable = e.is_retriable(), ?backoff, "projection batch failed; retrying");
-                    metrics::counter!("payerx_projection_errors_total", "projection" => name)
-                        .increment(1);
+                    metrics::counter!("payerx_projection_errors_total", "projection" => name).increment(1);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => return Ok(()),
@@ -170,18 +162,12 @@ impl ProjectionWorker {
             Some(g) => g,
             None => active_generation(&self.db, self.projection.as_ref()).await?,
         };
-        self.projection
-            .create_generation(&self.db, generation)
-            .await?;
+        self.projection.create_generation(&self.db, generation).await?;
         let stored = load_offsets(&self.db, name, generation).await?;
         let mut assignment = Vec::new();
         for t in self.projection.topics() {
             for p in 0..self.log.partitions(&t).await? {
-                assignment.push((
-                    t.clone(),
-                    p,
-                    stored.get(&(t.clone(), p)).copied().unwrap_or(0),
-                ));
+                assignment.push((t.clone(), p, stored.get(&(t.clone(), p)).copied().unwrap_or(0)));
             }
         }
         let mut applied: i64 = assignment.iter().map(|(_, _, o)| *o).sum();
@@ -195,9 +181,7 @@ impl ProjectionWorker {
                 b = consumer.poll(self.max_batch, Duration::from_millis(200)) => b?,
                 _ = shutdown.cancelled() => return Ok(Step::Stop),
             };
-            if pinned.is_none()
-                && (batch.is_empty() || last_check.elapsed() > Duration::from_secs(1))
-            {
+            if pinned.is_none() && (batch.is_empty() || last_check.elapsed() > Duration::from_secs(1)) {
                 last_check = Instant::now();
                 if active_generation(&self.db, self.projection.as_ref()).await? != generation {
                     return Ok(Step::Reload);
@@ -210,12 +194,11 @@ impl ProjectionWorker {
             let mut tx = self.db.pool.begin().await?;
             if pinned.is_none() {
                 // Checked inside the transaction, so a swap committed by a replay is never missed.
-                let active: i64 =
-                    sqlx::query("SELECT active FROM view_generations WHERE projection = $1")
-                        .bind(name)
-                        .fetch_one(&mut *tx)
-                        .await?
-                        .try_get(0)?;
+                let active: i64 = sqlx::query("SELECT active FROM view_generations WHERE projection = $1")
+                    .bind(name)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get(0)?;
                 if active != generation {
                     tx.rollback().await?;
                     return Ok(Step::Reload);
@@ -242,7 +225,8 @@ impl ProjectionWorker {
             tx.commit().await?;
             applied += batch.len() as i64;
             for r in &batch {
-                metrics::counter!("payerx_events_consumed_total", "topic" => r.topic.clone(), "consumer" => name).increment(1);
+                metrics::counter!("payerx_events_consumed_total", "topic" => r.topic.clone(), "consumer" => name)
+                    .increment(1);
             }
             if let Some(n) = &self.notifier {
                 n.complete(outcomes);
@@ -251,14 +235,7 @@ impl ProjectionWorker {
     }
 
     async fn report_lag(&self, generation: i64) {
-        if let Ok((applied, end)) = progress(
-            &self.db,
-            self.log.as_ref(),
-            self.projection.as_ref(),
-            generation,
-        )
-        .await
-        {
+        if let Ok((applied, end)) = progress(&self.db, self.log.as_ref(), self.projection.as_ref(), generation).await {
             metrics::gauge!("payerx_projection_lag", "projection" => self.projection.name())
                 .set((end - applied).max(0) as f64);
         }

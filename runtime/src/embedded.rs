@@ -39,15 +39,8 @@ pub struct EmbeddedLog {
 }
 
 enum WriteCmd {
-    Append(
-        Vec<Record>,
-        oneshot::Sender<Result<Vec<Appended>, LogError>>,
-    ),
-    Commit(
-        String,
-        Vec<(String, i32, i64)>,
-        oneshot::Sender<Result<(), LogError>>,
-    ),
+    Append(Vec<Record>, oneshot::Sender<Result<Vec<Appended>, LogError>>),
+    Commit(String, Vec<(String, i32, i64)>, oneshot::Sender<Result<(), LogError>>),
     EnsureTopics(Vec<TopicSpec>, oneshot::Sender<Result<(), LogError>>),
 }
 
@@ -68,13 +61,10 @@ fn open_conn(path: &Path, fsync: bool, read_only: bool) -> Result<Connection, Lo
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let conn = Connection::open_with_flags(path, flags).map_err(storage)?;
-    conn.busy_timeout(Duration::from_secs(10))
-        .map_err(storage)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(storage)?;
     let sync = if fsync { "FULL" } else { "NORMAL" };
     conn.execute_batch(&format!(
         "PRAGMA synchronous={sync}; PRAGMA cache_size=-65536; PRAGMA mmap_size=268435456; PRAGMA temp_store=MEMORY;"
@@ -122,12 +112,7 @@ impl EmbeddedLog {
             .name("payerx-log-writer".into())
             .spawn(move || writer_loop(conn, rx, bump_tx))
             .map_err(|e| LogError::Storage(format!("cannot start log writer: {e}")))?;
-        Ok(EmbeddedLog {
-            path,
-            writer: tx,
-            appended: bump_rx,
-            partitions: Mutex::new(HashMap::new()),
-        })
+        Ok(EmbeddedLog { path, writer: tx, appended: bump_rx, partitions: Mutex::new(HashMap::new()) })
     }
 
     pub fn path(&self) -> &Path {
@@ -152,9 +137,7 @@ impl EmbeddedLog {
         f: impl FnOnce(Connection) -> Result<T, LogError> + Send + 'static,
     ) -> Result<T, LogError> {
         let conn = self.reader()?;
-        tokio::task::spawn_blocking(move || f(conn))
-            .await
-            .map_err(|e| LogError::Storage(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(conn)).await.map_err(|e| LogError::Storage(e.to_string()))?
     }
 
     fn consumer(
@@ -203,11 +186,8 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteCmd>, bump: watch::
                 let msg = e.to_string();
                 let retriable = e.is_retriable();
                 for cmd in batch {
-                    let err = if retriable {
-                        LogError::Unavailable(msg.clone())
-                    } else {
-                        LogError::Storage(msg.clone())
-                    };
+                    let err =
+                        if retriable { LogError::Unavailable(msg.clone()) } else { LogError::Storage(msg.clone()) };
                     reply(cmd, Err(err));
                 }
             }
@@ -232,10 +212,7 @@ fn reply(cmd: WriteCmd, res: Result<CmdResult, LogError>) {
         (WriteCmd::Append(_, tx), Ok(CmdResult::Failed(e)) | Err(e)) => {
             let _ = tx.send(Err(e));
         }
-        (
-            WriteCmd::Commit(_, _, tx) | WriteCmd::EnsureTopics(_, tx),
-            Ok(CmdResult::Failed(e)) | Err(e),
-        ) => {
+        (WriteCmd::Commit(_, _, tx) | WriteCmd::EnsureTopics(_, tx), Ok(CmdResult::Failed(e)) | Err(e)) => {
             let _ = tx.send(Err(e));
         }
         (WriteCmd::Commit(_, _, tx) | WriteCmd::EnsureTopics(_, tx), Ok(_)) => {
@@ -254,9 +231,7 @@ fn apply_batch(
     topic_partitions: &mut HashMap<String, i32>,
     batch: &[WriteCmd],
 ) -> Result<Vec<Result<CmdResult, LogError>>, LogError> {
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(storage)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(storage)?;
     let mut out = Vec::with_capacity(batch.len());
     {
         let now_ms = (schemas::events::now_micros() / 1000) as i64;
@@ -321,8 +296,7 @@ fn apply_batch(
                         )
                         .map_err(storage)?;
                     for (topic, partition, off) in offsets {
-                        stmt.execute(params![group, topic, partition, off])
-                            .map_err(storage)?;
+                        stmt.execute(params![group, topic, partition, off]).map_err(storage)?;
                     }
                     out.push(Ok(CmdResult::Done));
                 }
@@ -335,11 +309,12 @@ fn apply_batch(
                         continue;
                     }
                     let mut stmt = tx
-                        .prepare_cached("INSERT INTO topics (name, partitions) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING")
+                        .prepare_cached(
+                            "INSERT INTO topics (name, partitions) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                        )
                         .map_err(storage)?;
                     for s in specs {
-                        stmt.execute(params![s.name, s.partitions])
-                            .map_err(storage)?;
+                        stmt.execute(params![s.name, s.partitions]).map_err(storage)?;
                     }
                     out.push(Ok(CmdResult::Done));
                 }
@@ -350,20 +325,12 @@ fn apply_batch(
     Ok(out)
 }
 
-fn partitions_of(
-    conn: &Connection,
-    cache: &mut HashMap<String, i32>,
-    topic: &str,
-) -> Result<Option<i32>, LogError> {
+fn partitions_of(conn: &Connection, cache: &mut HashMap<String, i32>, topic: &str) -> Result<Option<i32>, LogError> {
     if let Some(p) = cache.get(topic) {
         return Ok(Some(*p));
     }
     let p: Option<i32> = conn
-        .query_row(
-            "SELECT partitions FROM topics WHERE name = ?1",
-            [topic],
-            |r| r.get(0),
-        )
+        .query_row("SELECT partitions FROM topics WHERE name = ?1", [topic], |r| r.get(0))
         .optional()
         .map_err(storage)?;
     if let Some(p) = p {
@@ -422,18 +389,13 @@ impl Log for EmbeddedLog {
         let t = topic.to_string();
         let p = self
             .blocking(move |c| {
-                c.query_row("SELECT partitions FROM topics WHERE name = ?1", [&t], |r| {
-                    r.get::<_, i32>(0)
-                })
-                .optional()
-                .map_err(storage)
+                c.query_row("SELECT partitions FROM topics WHERE name = ?1", [&t], |r| r.get::<_, i32>(0))
+                    .optional()
+                    .map_err(storage)
             })
             .await?
             .ok_or_else(|| LogError::UnknownTopic(topic.to_string()))?;
-        self.partitions
-            .lock()
-            .map_err(|_| closed())?
-            .insert(topic.to_string(), p);
+        self.partitions.lock().map_err(|_| closed())?.insert(topic.to_string(), p);
         Ok(p)
     }
 
@@ -448,9 +410,8 @@ impl Log for EmbeddedLog {
         let parts = self.partitions(topic).await?;
         let t = topic.to_string();
         self.blocking(move |c| {
-            let mut stmt = c
-                .prepare("SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2")
-                .map_err(storage)?;
+            let mut stmt =
+                c.prepare("SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2").map_err(storage)?;
             (0..parts)
                 .map(|p| {
                     stmt.query_row(params![t, p], |r| r.get::<_, Option<i64>>(0))
@@ -462,22 +423,12 @@ impl Log for EmbeddedLog {
         .await
     }
 
-    async fn assigned_consumer(
-        &self,
-        assignment: &[(String, i32, i64)],
-    ) -> Result<Box<dyn Consumer>, LogError> {
-        let positions = assignment
-            .iter()
-            .map(|(t, p, o)| ((t.clone(), *p), *o))
-            .collect();
+    async fn assigned_consumer(&self, assignment: &[(String, i32, i64)]) -> Result<Box<dyn Consumer>, LogError> {
+        let positions = assignment.iter().map(|(t, p, o)| ((t.clone(), *p), *o)).collect();
         Ok(Box::new(self.consumer(positions, None)?))
     }
 
-    async fn group_consumer(
-        &self,
-        group: &str,
-        topics: &[String],
-    ) -> Result<Box<dyn Consumer>, LogError> {
+    async fn group_consumer(&self, group: &str, topics: &[String]) -> Result<Box<dyn Consumer>, LogError> {
         let mut positions = BTreeMap::new();
         for t in topics {
             let parts = self.partitions(t).await?;
@@ -488,7 +439,9 @@ impl Log for EmbeddedLog {
         let g = group.to_string();
         let committed: Vec<(String, i32, i64)> = self
             .blocking(move |c| {
-                let mut stmt = c.prepare("SELECT topic, partition, next_offset FROM group_offsets WHERE group_id = ?1").map_err(storage)?;
+                let mut stmt = c
+                    .prepare("SELECT topic, partition, next_offset FROM group_offsets WHERE group_id = ?1")
+                    .map_err(storage)?;
                 let rows = stmt.query_map([g], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(storage)?;
                 rows.collect::<Result<_, _>>().map_err(storage)
             })
@@ -516,19 +469,13 @@ impl EmbeddedConsumer {
         let conn = self.conn.clone();
         // Start at a different partition each poll, so a busy partition cannot starve the rest.
         self.rotation = self.rotation.wrapping_add(1);
-        let mut positions: Vec<((String, i32), i64)> = self
-            .positions
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
+        let mut positions: Vec<((String, i32), i64)> = self.positions.iter().map(|(k, v)| (k.clone(), *v)).collect();
         if !positions.is_empty() {
             let n = positions.len();
             positions.rotate_left(self.rotation % n);
         }
         tokio::task::spawn_blocking(move || {
-            let conn = conn
-                .lock()
-                .map_err(|_| LogError::Storage("reader poisoned".into()))?;
+            let conn = conn.lock().map_err(|_| LogError::Storage("reader poisoned".into()))?;
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT offset, key, value, headers, ts_ms FROM records
@@ -540,20 +487,17 @@ impl EmbeddedConsumer {
             conn.execute_batch("BEGIN").map_err(storage)?;
             for ((topic, partition), from) in &positions {
                 let rows = stmt
-                    .query_map(
-                        params![topic, partition, from, (max - out.len()) as i64],
-                        |r| {
-                            Ok(Consumed {
-                                topic: topic.clone(),
-                                partition: *partition,
-                                offset: r.get(0)?,
-                                key: r.get(1)?,
-                                value: r.get(2)?,
-                                headers: decode_headers(&r.get::<_, Vec<u8>>(3)?),
-                                timestamp_ms: r.get(4)?,
-                            })
-                        },
-                    )
+                    .query_map(params![topic, partition, from, (max - out.len()) as i64], |r| {
+                        Ok(Consumed {
+                            topic: topic.clone(),
+                            partition: *partition,
+                            offset: r.get(0)?,
+                            key: r.get(1)?,
+                            value: r.get(2)?,
+                            headers: decode_headers(&r.get::<_, Vec<u8>>(3)?),
+                            timestamp_ms: r.get(4)?,
+                        })
+                    })
                     .map_err(storage)?;
                 for row in rows {
                     out.push(row.map_err(storage)?);
@@ -581,8 +525,7 @@ impl Consumer for EmbeddedConsumer {
             let out = self.read(max).await?;
             if !out.is_empty() {
                 for r in &out {
-                    self.positions
-                        .insert((r.topic.clone(), r.partition), r.offset + 1);
+                    self.positions.insert((r.topic.clone(), r.partition), r.offset + 1);
                 }
                 return Ok(out);
             }
@@ -600,9 +543,7 @@ impl Consumer for EmbeddedConsumer {
             return Ok(()); // assigned consumers keep their offsets elsewhere (projections)
         };
         let (tx, rx) = oneshot::channel();
-        self.writer
-            .send(WriteCmd::Commit(group, offsets.to_vec(), tx))
-            .map_err(|_| closed())?;
+        self.writer.send(WriteCmd::Commit(group, offsets.to_vec(), tx)).map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 }
@@ -614,12 +555,7 @@ mod tests {
 
     async fn log_with_topic(dir: &Path) -> EmbeddedLog {
         let log = EmbeddedLog::open(dir, false).unwrap();
-        log.ensure_topics(&[TopicSpec {
-            name: "t".into(),
-            partitions: 3,
-        }])
-        .await
-        .unwrap();
+        log.ensure_topics(&[TopicSpec { name: "t".into(), partitions: 3 }]).await.unwrap();
         log
     }
 
@@ -628,20 +564,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with_topic(dir.path()).await;
         let records: Vec<Record> = (0..300)
-            .map(|i| {
-                Record::new("t", format!("k{}", i % 7), format!("v{i}").into_bytes())
-                    .header("h", format!("{i}"))
-            })
+            .map(|i| Record::new("t", format!("k{}", i % 7), format!("v{i}").into_bytes()).header("h", format!("{i}")))
             .collect();
         let acks = log.append(records.clone()).await.unwrap();
         for (r, a) in records.iter().zip(&acks) {
             assert_eq!(a.partition, partition_for(&r.key, 3));
         }
         assert_eq!(log.end_offsets("t").await.unwrap().iter().sum::<i64>(), 300);
-        let mut c = log
-            .assigned_consumer(&[("t".into(), 0, 0), ("t".into(), 1, 0), ("t".into(), 2, 0)])
-            .await
-            .unwrap();
+        let mut c = log.assigned_consumer(&[("t".into(), 0, 0), ("t".into(), 1, 0), ("t".into(), 2, 0)]).await.unwrap();
         let mut got = vec![];
         while got.len() < 300 {
             got.extend(c.poll(64, Duration::from_millis(200)).await.unwrap());
@@ -652,40 +582,24 @@ mod tests {
             let vals: Vec<i32> = got
                 .iter()
                 .filter(|r| r.key == key)
-                .map(|r| {
-                    String::from_utf8(r.value.clone()).unwrap()[1..]
-                        .parse()
-                        .unwrap()
-                })
+                .map(|r| String::from_utf8(r.value.clone()).unwrap()[1..].parse().unwrap())
                 .collect();
             let mut sorted = vals.clone();
             sorted.sort();
             assert_eq!(vals, sorted);
-            assert!(got
-                .iter()
-                .filter(|r| r.key == key)
-                .all(|r| r.header("h").is_some()));
+            assert!(got.iter().filter(|r| r.key == key).all(|r| r.header("h").is_some()));
         }
-        assert!(c
-            .poll(10, Duration::from_millis(20))
-            .await
-            .unwrap()
-            .is_empty());
+        assert!(c.poll(10, Duration::from_millis(20)).await.unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn unknown_topic_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with_topic(dir.path()).await;
-        let err = log
-            .append(vec![Record::new("nope", "k", vec![1])])
-            .await
-            .unwrap_err();
+        let err = log.append(vec![Record::new("nope", "k", vec![1])]).await.unwrap_err();
         assert!(matches!(err, LogError::UnknownTopic(_)));
         // The writer still works afterwards.
-        log.append(vec![Record::new("t", "k", vec![1])])
-            .await
-            .unwrap();
+        log.append(vec![Record::new("t", "k", vec![1])]).await.unwrap();
     }
 
     #[tokio::test]
@@ -693,24 +607,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let log = log_with_topic(dir.path()).await;
-            log.append((0..10).map(|i| Record::new("t", "same", vec![i])).collect())
-                .await
-                .unwrap();
+            log.append((0..10).map(|i| Record::new("t", "same", vec![i])).collect()).await.unwrap();
             let mut c = log.group_consumer("g", &["t".into()]).await.unwrap();
             let first = c.poll(4, Duration::from_millis(100)).await.unwrap();
             assert_eq!(first.len(), 4);
             let last = first.last().unwrap();
-            c.commit(&[(last.topic.clone(), last.partition, last.offset + 1)])
-                .await
-                .unwrap();
+            c.commit(&[(last.topic.clone(), last.partition, last.offset + 1)]).await.unwrap();
         }
         let log = EmbeddedLog::open(dir.path(), false).unwrap();
         let mut c = log.group_consumer("g", &["t".into()]).await.unwrap();
         let rest = c.poll(100, Duration::from_millis(100)).await.unwrap();
-        assert_eq!(
-            rest.iter().map(|r| r.value[0]).collect::<Vec<_>>(),
-            (4..10).collect::<Vec<u8>>()
-        );
+        assert_eq!(rest.iter().map(|r| r.value[0]).collect::<Vec<_>>(), (4..10).collect::<Vec<u8>>());
     }
 
     #[tokio::test]
@@ -723,11 +630,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut acks = vec![];
                 for i in 0..50 {
-                    acks.extend(
-                        log.append(vec![Record::new("t", "one-key", vec![t, i])])
-                            .await
-                            .unwrap(),
-                    );
+                    acks.extend(log.append(vec![Record::new("t", "one-key", vec![t, i])]).await.unwrap());
                 }
                 acks
             }));

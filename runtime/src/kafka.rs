@@ -110,19 +110,14 @@ impl KafkaLog {
         extra: &[(String, String)],
     ) -> Result<KafkaLog, LogError> {
         if replication_factor < 1 {
-            return Err(LogError::Config(format!(
-                "replication factor must be at least 1, got {replication_factor}"
-            )));
+            return Err(LogError::Config(format!("replication factor must be at least 1, got {replication_factor}")));
         }
         if brokers.trim().is_empty() {
-            return Err(LogError::Config(
-                "no Kafka bootstrap servers configured".into(),
-            ));
+            return Err(LogError::Config("no Kafka bootstrap servers configured".into()));
         }
-        let producer: FutureProducer =
-            client_config(brokers, PRODUCER_TUNING, extra, PRODUCER_INVARIANTS)
-                .create()
-                .map_err(|e| classify(&e, "creating the producer"))?;
+        let producer: FutureProducer = client_config(brokers, PRODUCER_TUNING, extra, PRODUCER_INVARIANTS)
+            .create()
+            .map_err(|e| classify(&e, "creating the producer"))?;
         let admin: AdminClient<DefaultClientContext> =
             client_config(brokers, &[("client.id", "payerx-admin")], extra, &[])
                 .create()
@@ -131,11 +126,7 @@ impl KafkaLog {
         // librdkafka connects lazily; ask for metadata so a wrong address fails here, not later.
         let probe = producer.clone();
         blocking(move || {
-            probe
-                .client()
-                .fetch_metadata(None, REQUEST_TIMEOUT)
-                .map(|_| ())
-                .map_err(|e| classify(&e, "connecting"))
+            probe.client().fetch_metadata(None, REQUEST_TIMEOUT).map(|_| ()).map_err(|e| classify(&e, "connecting"))
         })
         .await?;
 
@@ -150,24 +141,14 @@ impl KafkaLog {
     }
 
     fn consumer(&self, group: &str) -> Result<Arc<StreamConsumer>, LogError> {
-        let mut config = client_config(
-            &self.brokers,
-            CONSUMER_TUNING,
-            &self.extra,
-            CONSUMER_INVARIANTS,
-        );
+        let mut config = client_config(&self.brokers, CONSUMER_TUNING, &self.extra, CONSUMER_INVARIANTS);
         config.set("group.id", group);
-        let consumer: StreamConsumer = config
-            .create()
-            .map_err(|e| classify(&e, "creating a consumer"))?;
+        let consumer: StreamConsumer = config.create().map_err(|e| classify(&e, "creating a consumer"))?;
         Ok(Arc::new(consumer))
     }
 
     fn cached_partitions(&self, topic: &str) -> Option<i32> {
-        self.partition_counts
-            .read()
-            .ok()
-            .and_then(|m| m.get(topic).copied())
+        self.partition_counts.read().ok().and_then(|m| m.get(topic).copied())
     }
 
     fn cache_partitions(&self, topic: &str, count: i32) {
@@ -215,24 +196,15 @@ impl Log for KafkaLog {
             return Ok(());
         }
         let replication = i32::from(self.replication_factor);
-        let new: Vec<NewTopic<'_>> = topics
-            .iter()
-            .map(|t| NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(replication)))
-            .collect();
-        let options = AdminOptions::new()
-            .request_timeout(Some(REQUEST_TIMEOUT))
-            .operation_timeout(Some(TOPIC_READY_TIMEOUT));
-        let results = self
-            .admin
-            .create_topics(&new, &options)
-            .await
-            .map_err(|e| classify(&e, "creating topics"))?;
+        let new: Vec<NewTopic<'_>> =
+            topics.iter().map(|t| NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(replication))).collect();
+        let options =
+            AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT)).operation_timeout(Some(TOPIC_READY_TIMEOUT));
+        let results = self.admin.create_topics(&new, &options).await.map_err(|e| classify(&e, "creating topics"))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => {
-                    return Err(classify_code(code, &format!("creating topic {name}")))
-                }
+                Err((name, code)) => return Err(classify_code(code, &format!("creating topic {name}"))),
             }
         }
 
@@ -290,10 +262,7 @@ impl Log for KafkaLog {
             let partitions = counts.get(record.topic.as_str()).copied().unwrap_or(1);
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
             for (name, value) in &record.headers {
-                headers = headers.insert(Header {
-                    key: name.as_str(),
-                    value: Some(value.as_slice()),
-                });
+                headers = headers.insert(Header { key: name.as_str(), value: Some(value.as_slice()) });
             }
             let mut pending = FutureRecord::<str, [u8]>::to(&record.topic)
                 .key(record.key.as_str())
@@ -323,20 +292,15 @@ impl Log for KafkaLog {
 
         let mut appended = Vec::with_capacity(deliveries.len());
         let mut first_error = None;
-        for (outcome, record) in futures::future::join_all(deliveries)
-            .await
-            .into_iter()
-            .zip(&records)
-        {
+        for (outcome, record) in futures::future::join_all(deliveries).await.into_iter().zip(&records) {
             match outcome {
                 Ok(Ok((partition, offset))) => appended.push(Appended { partition, offset }),
                 Ok(Err((e, _))) => {
                     first_error.get_or_insert_with(|| self.append_error(&e, &record.topic));
                 }
                 Err(_canceled) => {
-                    first_error.get_or_insert_with(|| {
-                        LogError::Unavailable("producer shut down before delivery".into())
-                    });
+                    first_error
+                        .get_or_insert_with(|| LogError::Unavailable("producer shut down before delivery".into()));
                 }
             }
         }
@@ -357,9 +321,7 @@ impl Log for KafkaLog {
                         .client()
                         .fetch_watermarks(&topic, p, REQUEST_TIMEOUT)
                         .map(|(_low, high)| high)
-                        .map_err(|e| {
-                            classify(&e, &format!("reading the end offset of {topic}/{p}"))
-                        })
+                        .map_err(|e| classify(&e, &format!("reading the end offset of {topic}/{p}")))
                 })
                 .collect()
         })
@@ -369,10 +331,7 @@ impl Log for KafkaLog {
     /// Reads exactly `assignment` from the given offsets. The consumer needs a group id (librdkafka
     /// requires one) but never joins or commits to that group: its `commit` is a no-op because the
     /// callers (projections, tools) store their offsets themselves.
-    async fn assigned_consumer(
-        &self,
-        assignment: &[(String, i32, i64)],
-    ) -> Result<Box<dyn Consumer>, LogError> {
+    async fn assigned_consumer(&self, assignment: &[(String, i32, i64)]) -> Result<Box<dyn Consumer>, LogError> {
         let topics: Vec<&str> = assignment.iter().map(|(t, _, _)| t.as_str()).collect();
         self.check_topics(&topics).await?;
         let consumer = self.consumer(&format!("payerx-assigned-{}", uuid::Uuid::new_v4()))?;
@@ -381,30 +340,16 @@ impl Log for KafkaLog {
             list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
                 .map_err(|e| classify(&e, &format!("assigning {topic}/{partition}")))?;
         }
-        consumer
-            .assign(&list)
-            .map_err(|e| classify(&e, "assigning partitions"))?;
-        Ok(Box::new(KafkaConsumer {
-            inner: Some(consumer),
-            group: false,
-        }))
+        consumer.assign(&list).map_err(|e| classify(&e, "assigning partitions"))?;
+        Ok(Box::new(KafkaConsumer { inner: Some(consumer), group: false }))
     }
 
-    async fn group_consumer(
-        &self,
-        group: &str,
-        topics: &[String],
-    ) -> Result<Box<dyn Consumer>, LogError> {
+    async fn group_consumer(&self, group: &str, topics: &[String]) -> Result<Box<dyn Consumer>, LogError> {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         self.check_topics(&names).await?;
         let consumer = self.consumer(group)?;
-        consumer
-            .subscribe(&names)
-            .map_err(|e| classify(&e, "subscribing"))?;
-        Ok(Box::new(KafkaConsumer {
-            inner: Some(consumer),
-            group: true,
-        }))
+        consumer.subscribe(&names).map_err(|e| classify(&e, "subscribing"))?;
+        Ok(Box::new(KafkaConsumer { inner: Some(consumer), group: true }))
     }
 }
 
@@ -430,9 +375,7 @@ struct KafkaConsumer {
 
 impl KafkaConsumer {
     fn inner(&self) -> Result<&Arc<StreamConsumer>, LogError> {
-        self.inner
-            .as_ref()
-            .ok_or_else(|| LogError::Storage("consumer already closed".into()))
+        self.inner.as_ref().ok_or_else(|| LogError::Storage("consumer already closed".into()))
     }
 }
 
@@ -476,9 +419,7 @@ impl Consumer for KafkaConsumer {
             // Commit only partitions this member still owns: after a rebalance the new owner
             // resumes from the last committed offset (at-least-once), and an old member's commit
             // must not move the group's position under it.
-            let owned = consumer
-                .assignment()
-                .map_err(|e| classify(&e, "reading the assignment"))?;
+            let owned = consumer.assignment().map_err(|e| classify(&e, "reading the assignment"))?;
             let mut list = TopicPartitionList::with_capacity(offsets.len());
             for (topic, partition, next_offset) in &offsets {
                 if owned.find_partition(topic, *partition).is_some() {
@@ -491,9 +432,7 @@ impl Consumer for KafkaConsumer {
             if list.count() == 0 {
                 return Ok(());
             }
-            consumer
-                .commit(&list, CommitMode::Sync)
-                .map_err(|e| classify(&e, "committing offsets"))
+            consumer.commit(&list, CommitMode::Sync).map_err(|e| classify(&e, "committing offsets"))
         })
         .await
     }
@@ -502,9 +441,7 @@ impl Consumer for KafkaConsumer {
 impl Drop for KafkaConsumer {
     fn drop(&mut self) {
         // Closing a group member blocks (it leaves the group); keep that off the async workers.
-        if let (Some(consumer), Ok(runtime)) =
-            (self.inner.take(), tokio::runtime::Handle::try_current())
-        {
+        if let (Some(consumer), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
             runtime.spawn_blocking(move || drop(consumer));
         }
     }
@@ -514,25 +451,14 @@ fn consumed(message: &BorrowedMessage<'_>) -> Consumed {
     let headers = message
         .headers()
         .map(|headers| {
-            headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.key.to_string(),
-                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                    )
-                })
-                .collect()
+            headers.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
         })
         .unwrap_or_default();
     Consumed {
         topic: message.topic().to_string(),
         partition: message.partition(),
         offset: message.offset(),
-        key: message
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .unwrap_or_default(),
+        key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
         value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         headers,
         timestamp_ms: message.timestamp().to_millis().unwrap_or(-1),
@@ -565,11 +491,7 @@ fn client_config(
 
 /// Partition count of `topic` from the brokers (blocking). With `require_leaders`, a partition
 /// without a leader yet counts as not ready (`Unavailable`).
-fn topic_partitions(
-    producer: &FutureProducer,
-    topic: &str,
-    require_leaders: bool,
-) -> Result<i32, LogError> {
+fn topic_partitions(producer: &FutureProducer, topic: &str, require_leaders: bool) -> Result<i32, LogError> {
     let metadata = producer
         .client()
         .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
@@ -578,25 +500,16 @@ fn topic_partitions(
         return Err(LogError::UnknownTopic(topic.to_string()));
     };
     if let Some(err) = entry.error() {
-        return Err(
-            classify_code(err.into(), &format!("reading metadata of {topic}")).named_topic(topic),
-        );
+        return Err(classify_code(err.into(), &format!("reading metadata of {topic}")).named_topic(topic));
     }
     let partitions = entry.partitions();
     if partitions.is_empty() {
         return Err(LogError::UnknownTopic(topic.to_string()));
     }
-    if require_leaders
-        && partitions
-            .iter()
-            .any(|p| p.leader() < 0 || p.error().is_some())
-    {
-        return Err(LogError::Unavailable(format!(
-            "topic {topic} has partitions without a leader"
-        )));
+    if require_leaders && partitions.iter().any(|p| p.leader() < 0 || p.error().is_some()) {
+        return Err(LogError::Unavailable(format!("topic {topic} has partitions without a leader")));
     }
-    i32::try_from(partitions.len())
-        .map_err(|_| LogError::Storage(format!("topic {topic}: too many partitions")))
+    i32::try_from(partitions.len()).map_err(|_| LogError::Storage(format!("topic {topic}: too many partitions")))
 }
 
 /// Runs blocking librdkafka work on tokio's blocking pool.
@@ -605,9 +518,7 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, LogError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| LogError::Storage(format!("Kafka client task failed: {e}")))?
+    tokio::task::spawn_blocking(work).await.map_err(|e| LogError::Storage(format!("Kafka client task failed: {e}")))?
 }
 
 trait NamedTopic {
@@ -633,12 +544,8 @@ fn classify(error: &KafkaError, context: &str) -> LogError {
         | KafkaError::AdminOpCreation(_)
         | KafkaError::Nul(_) => LogError::Config(format!("{context}: {error}")),
         KafkaError::Subscription(_) => LogError::Config(format!("{context}: {error}")),
-        KafkaError::Canceled | KafkaError::NoMessageReceived => {
-            LogError::Unavailable(format!("{context}: {error}"))
-        }
-        KafkaError::Transaction(e) if e.is_retriable() => {
-            LogError::Unavailable(format!("{context}: {error}"))
-        }
+        KafkaError::Canceled | KafkaError::NoMessageReceived => LogError::Unavailable(format!("{context}: {error}")),
+        KafkaError::Transaction(e) if e.is_retriable() => LogError::Unavailable(format!("{context}: {error}")),
         _ => match error.rdkafka_error_code() {
             Some(code) => classify_code(code, &format!("{context}: {error}")),
             None => LogError::Storage(format!("{context}: {error}")),
@@ -737,10 +644,7 @@ mod tests {
 
     #[test]
     fn invariants_override_extra() {
-        let extra = vec![
-            ("acks".to_string(), "1".to_string()),
-            ("linger.ms".to_string(), "50".to_string()),
-        ];
+        let extra = vec![("acks".to_string(), "1".to_string()), ("linger.ms".to_string(), "50".to_string())];
         let config = client_config("b:9092", PRODUCER_TUNING, &extra, PRODUCER_INVARIANTS);
         assert_eq!(config.get("acks"), Some("all"));
         assert_eq!(config.get("linger.ms"), Some("50"));

@@ -16,12 +16,7 @@ pub struct Record {
 
 impl Record {
     pub fn new(topic: impl Into<String>, key: impl Into<String>, value: Vec<u8>) -> Self {
-        Record {
-            topic: topic.into(),
-            key: key.into(),
-            value,
-            headers: vec![],
-        }
+        Record { topic: topic.into(), key: key.into(), value, headers: vec![] }
     }
 
     pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
@@ -52,10 +47,7 @@ pub struct Consumed {
 
 impl Consumed {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        self.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 
     /// `topic/partition/offset`, for logs and dead-letter headers.
@@ -111,18 +103,11 @@ pub trait Log: Send + Sync + 'static {
 
     /// A consumer that reads exactly the given partitions from the given offsets. Used by
     /// projections (which keep their offsets in their own database) and by tools.
-    async fn assigned_consumer(
-        &self,
-        assignment: &[(String, i32, i64)],
-    ) -> Result<Box<dyn Consumer>, LogError>;
+    async fn assigned_consumer(&self, assignment: &[(String, i32, i64)]) -> Result<Box<dyn Consumer>, LogError>;
 
     /// A consumer in a named group: partitions are shared among the group's members and it
     /// resumes from the group's committed offsets (or the beginning). Used by processors.
-    async fn group_consumer(
-        &self,
-        group: &str,
-        topics: &[String],
-    ) -> Result<Box<dyn Consumer>, LogError>;
+    async fn group_consumer(&self, group: &str, topics: &[String]) -> Result<Box<dyn Consumer>, LogError>;
 }
 
 #[async_trait]

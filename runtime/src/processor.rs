@@ -63,30 +63,18 @@ impl Default for RunOptions {
 }
 
 /// The dead-letter copy of a record: same key and value, original headers plus the reason.
-pub fn dead_letter(
-    input: &Consumed,
-    dlq_topic: &str,
-    stage: &str,
-    reason: &str,
-    outcome: Option<&str>,
-) -> Record {
+pub fn dead_letter(input: &Consumed, dlq_topic: &str, stage: &str, reason: &str, outcome: Option<&str>) -> Record {
     let mut r = Record {
         topic: dlq_topic.to_string(),
         key: input.key.clone(),
         value: input.value.clone(),
         headers: input.headers.clone(),
     };
-    r.headers
-        .push((headers::ERROR_REASON.into(), reason.as_bytes().to_vec()));
-    r.headers
-        .push((headers::ERROR_STAGE.into(), stage.as_bytes().to_vec()));
-    r.headers.push((
-        headers::ERROR_SOURCE.into(),
-        input.coordinates().into_bytes(),
-    ));
+    r.headers.push((headers::ERROR_REASON.into(), reason.as_bytes().to_vec()));
+    r.headers.push((headers::ERROR_STAGE.into(), stage.as_bytes().to_vec()));
+    r.headers.push((headers::ERROR_SOURCE.into(), input.coordinates().into_bytes()));
     if let Some(o) = outcome {
-        r.headers
-            .push((headers::ERROR_OUTCOME.into(), o.as_bytes().to_vec()));
+        r.headers.push((headers::ERROR_OUTCOME.into(), o.as_bytes().to_vec()));
     }
     r
 }
@@ -131,13 +119,7 @@ pub async fn run(
                 match processor.process(input) {
                     Err(ProcessError::Retriable(msg)) => {
                         metrics::counter!("payerx_processor_retries_total", "stage" => stage.clone()).increment(1);
-                        tracing::warn!(
-                            stage,
-                            source = input.coordinates(),
-                            error = msg,
-                            ?backoff,
-                            "retriable failure"
-                        );
+                        tracing::warn!(stage, source = input.coordinates(), error = msg, ?backoff, "retriable failure");
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = shutdown.cancelled() => break None,
@@ -145,9 +127,7 @@ pub async fn run(
                         backoff = (backoff * 2).min(opts.max_backoff);
                     }
                     Ok(outs) => break Some(Ok(outs)),
-                    Err(ProcessError::Permanent { reason, outcome }) => {
-                        break Some(Err((reason, outcome)))
-                    }
+                    Err(ProcessError::Permanent { reason, outcome }) => break Some(Err((reason, outcome))),
                 }
             };
             match result {
@@ -158,16 +138,9 @@ pub async fn run(
                 }
                 Some(Ok(outs)) => outputs.extend(outs),
                 Some(Err((reason, outcome))) => {
-                    metrics::counter!("payerx_dead_letters_total", "stage" => stage.clone())
-                        .increment(1);
+                    metrics::counter!("payerx_dead_letters_total", "stage" => stage.clone()).increment(1);
                     tracing::info!(stage, source = input.coordinates(), reason, "dead-lettered");
-                    outputs.push(dead_letter(
-                        input,
-                        &dlq,
-                        &stage,
-                        &reason,
-                        outcome.as_deref(),
-                    ));
+                    outputs.push(dead_letter(input, &dlq, &stage, &reason, outcome.as_deref()));
                 }
             }
             metrics::counter!("payerx_events_consumed_total", "topic" => input.topic.clone(), "consumer" => stage.clone()).increment(1);
@@ -175,17 +148,12 @@ pub async fn run(
         }
         let outputs_ref = &outputs;
         if !outputs.is_empty() {
-            retry(&opts, &CancellationToken::new(), || {
-                log.append(outputs_ref.clone())
-            })
-            .await?;
+            retry(&opts, &CancellationToken::new(), || log.append(outputs_ref.clone())).await?;
             for r in &outputs {
-                metrics::counter!("payerx_events_appended_total", "topic" => r.topic.clone())
-                    .increment(1);
+                metrics::counter!("payerx_events_appended_total", "topic" => r.topic.clone()).increment(1);
             }
         }
-        let offsets: Vec<(String, i32, i64)> =
-            next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+        let offsets: Vec<(String, i32, i64)> = next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
         if !offsets.is_empty() {
             let mut backoff = opts.initial_backoff;
             loop {
@@ -209,11 +177,7 @@ pub async fn run(
 
 /// Retries a log operation with exponential backoff while it fails with a retriable error.
 /// Gives up early only when `cancel` fires.
-pub async fn retry<T, F, Fut>(
-    opts: &RunOptions,
-    cancel: &CancellationToken,
-    mut f: F,
-) -> Result<T, LogError>
+pub async fn retry<T, F, Fut>(opts: &RunOptions, cancel: &CancellationToken, mut f: F) -> Result<T, LogError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, LogError>>,
@@ -260,20 +224,14 @@ mod tests {
                 b"retry" if self.attempts.fetch_add(1, Ordering::SeqCst) < 2 => {
                     Err(ProcessError::Retriable("not yet".into()))
                 }
-                b"bad" => Err(ProcessError::Permanent {
-                    reason: "refused".into(),
-                    outcome: Some("{}".into()),
-                }),
+                b"bad" => Err(ProcessError::Permanent { reason: "refused".into(), outcome: Some("{}".into()) }),
                 v => Ok(vec![Record::new("out", input.key.clone(), v.to_vec())]),
             }
         }
     }
 
     async fn read_all(log: &EmbeddedLog, topic: &str, n: usize) -> Vec<Consumed> {
-        let mut c = log
-            .assigned_consumer(&[(topic.into(), 0, 0)])
-            .await
-            .unwrap();
+        let mut c = log.assigned_consumer(&[(topic.into(), 0, 0)]).await.unwrap();
         let mut got = vec![];
         for _ in 0..50 {
             got.extend(c.poll(100, Duration::from_millis(100)).await.unwrap());
@@ -288,23 +246,11 @@ mod tests {
     async fn retries_dead_letters_commits_and_drains() {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(EmbeddedLog::open(dir.path(), false).unwrap());
-        let specs: Vec<TopicSpec> = ["in", "out", "in.dlq"]
-            .iter()
-            .map(|t| TopicSpec {
-                name: (*t).into(),
-                partitions: 1,
-            })
-            .collect();
+        let specs: Vec<TopicSpec> =
+            ["in", "out", "in.dlq"].iter().map(|t| TopicSpec { name: (*t).into(), partitions: 1 }).collect();
         log.ensure_topics(&specs).await.unwrap();
         let values: [&[u8]; 4] = [b"ok1", b"retry", b"bad", b"ok2"];
-        log.append(
-            values
-                .iter()
-                .map(|v| Record::new("in", "k", v.to_vec()))
-                .collect(),
-        )
-        .await
-        .unwrap();
+        log.append(values.iter().map(|v| Record::new("in", "k", v.to_vec())).collect()).await.unwrap();
 
         let opts = RunOptions {
             initial_backoff: Duration::from_millis(5),
@@ -314,9 +260,7 @@ mod tests {
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(
             log.clone(),
-            Arc::new(Echo {
-                attempts: AtomicUsize::new(0),
-            }),
+            Arc::new(Echo { attempts: AtomicUsize::new(0) }),
             opts.clone(),
             stop.clone(),
         ));
@@ -334,24 +278,11 @@ mod tests {
         task.await.unwrap().unwrap();
 
         // Offsets were committed: a restarted processor sees only what is new.
-        log.append(vec![Record::new("in", "k", b"ok3".to_vec())])
-            .await
-            .unwrap();
+        log.append(vec![Record::new("in", "k", b"ok3".to_vec())]).await.unwrap();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(
-            log.clone(),
-            Arc::new(Echo {
-                attempts: AtomicUsize::new(9),
-            }),
-            opts,
-            stop.clone(),
-        ));
+        let task = tokio::spawn(run(log.clone(), Arc::new(Echo { attempts: AtomicUsize::new(9) }), opts, stop.clone()));
         let out = read_all(&log, "out", 4).await;
-        assert_eq!(
-            out.len(),
-            4,
-            "nothing reprocessed, the new record processed"
-        );
+        assert_eq!(out.len(), 4, "nothing reprocessed, the new record processed");
         assert_eq!(out[3].value, b"ok3");
         stop.cancel();
         task.await.unwrap().unwrap();

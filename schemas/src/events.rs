@@ -22,12 +22,7 @@ const DERIVED_NS: Uuid = Uuid::from_u128(0x6a1f_4c2e_9b7d_4e0a_8c3f_2d5e_7b91_a0
 
 impl Envelope {
     /// A fresh envelope for an event that starts a flow (a client request).
-    pub fn new(
-        event_type: &str,
-        schema_version: i32,
-        correlation_id: String,
-        client_id: Option<String>,
-    ) -> Self {
+    pub fn new(event_type: &str, schema_version: i32, correlation_id: String, client_id: Option<String>) -> Self {
         Envelope {
             event_id: Uuid::now_v7().to_string(),
             event_type: event_type.to_string(),
@@ -69,10 +64,7 @@ impl Envelope {
 }
 
 pub fn derived_event_id(topic: &str, partition: i32, offset: i64, index: u32) -> Uuid {
-    Uuid::new_v5(
-        &DERIVED_NS,
-        format!("{topic}/{partition}/{offset}/{index}").as_bytes(),
-    )
+    Uuid::new_v5(&DERIVED_NS, format!("{topic}/{partition}/{offset}/{index}").as_bytes())
 }
 
 pub fn now_micros() -> i64 {

@@ -58,12 +58,7 @@ pub struct OperationOutcome {
 impl OperationOutcome {
     pub fn new(severity: IssueSeverity, code: IssueType, diagnostics: impl Into<String>) -> Self {
         OperationOutcome {
-            issue: vec![Issue {
-                severity,
-                code,
-                diagnostics: Some(diagnostics.into()),
-                expression: vec![],
-            }],
+            issue: vec![Issue { severity, code, diagnostics: Some(diagnostics.into()), expression: vec![] }],
         }
     }
 
@@ -72,11 +67,7 @@ impl OperationOutcome {
     }
 
     pub fn information(diagnostics: impl Into<String>) -> Self {
-        Self::new(
-            IssueSeverity::Information,
-            IssueType::Informational,
-            diagnostics,
-        )
+        Self::new(IssueSeverity::Information, IssueType::Informational, diagnostics)
     }
 
     /// Names the element at fault (FHIRPath, e.g. `Patient.birthDate`) on the last issue.
@@ -92,9 +83,7 @@ impl OperationOutcome {
     }
 
     pub fn is_error(&self) -> bool {
-        self.issue
-            .iter()
-            .any(|i| matches!(i.severity, IssueSeverity::Error | IssueSeverity::Fatal))
+        self.issue.iter().any(|i| matches!(i.severity, IssueSeverity::Error | IssueSeverity::Fatal))
     }
 
     /// The first issue's diagnostics, for logs and dead-letter headers.
@@ -102,8 +91,8 @@ impl OperationOutcome {
         self.issue
             .first()
             .map(|i| match (&i.diagnostics, i.expression.first()) {
-                (Some(d), Some(e)) => format!("{e}: {d}"),
-                (Some(d), None) => d.clone(),
+                (Some(d), Some(e)) if !d.starts_with(e.as_str()) => format!("{e}: {d}"),
+                (Some(d), _) => d.clone(),
                 (None, Some(e)) => e.clone(),
                 (None, None) => format!("{:?}", i.code),
             })
@@ -128,8 +117,7 @@ mod tests {
 
     #[test]
     fn renders_as_fhir() {
-        let oo =
-            OperationOutcome::error(IssueType::Value, "not a valid date").at("Patient.birthDate");
+        let oo = OperationOutcome::error(IssueType::Value, "not a valid date").at("Patient.birthDate");
         let v = oo.to_json();
         assert_eq!(v["resourceType"], "OperationOutcome");
         assert_eq!(v["issue"][0]["severity"], "error");

@@ -25,21 +25,8 @@ pub struct SchemaInfo {
 }
 
 impl SchemaInfo {
-    const fn new(
-        id: u32,
-        name: &'static str,
-        version: i32,
-        file: &'static str,
-        avsc: &'static str,
-    ) -> Self {
-        SchemaInfo {
-            id,
-            name,
-            version,
-            file,
-            avsc,
-            parsed: OnceLock::new(),
-        }
+    const fn new(id: u32, name: &'static str, version: i32, file: &'static str, avsc: &'static str) -> Self {
+        SchemaInfo { id, name, version, file, avsc, parsed: OnceLock::new() }
     }
 
     /// The parsed schema. The `.avsc` files are compiled in and checked by tests, so a parse
@@ -68,10 +55,7 @@ pub fn by_id(id: u32) -> Option<&'static SchemaInfo> {
 
 /// The newest version of a schema name (what payerx writes and reads into).
 pub fn latest(name: &str) -> Option<&'static SchemaInfo> {
-    SCHEMAS
-        .iter()
-        .filter(|s| s.name == name)
-        .max_by_key(|s| s.version)
+    SCHEMAS.iter().filter(|s| s.name == name).max_by_key(|s| s.version)
 }
 
 /// A typed event with a published schema.
@@ -85,8 +69,7 @@ impl Event for ResourceChanged {
 
 /// Encodes with the newest schema of `E`, framed the Confluent way.
 pub fn encode_event<E: Event>(event: &E) -> Result<Vec<u8>, SchemaError> {
-    let info =
-        latest(E::NAME).ok_or_else(|| SchemaError::Avro(format!("no schema named {}", E::NAME)))?;
+    let info = latest(E::NAME).ok_or_else(|| SchemaError::Avro(format!("no schema named {}", E::NAME)))?;
     let value = to_value(event)?.resolve(info.schema())?;
     let datum = to_avro_datum(info.schema(), value)?;
     Ok(wire::frame(info.id, &datum))
@@ -97,11 +80,7 @@ pub fn decode_event<E: Event>(bytes: &[u8]) -> Result<E, SchemaError> {
     let (id, datum) = wire::unframe(bytes)?;
     let writer = by_id(id).ok_or(SchemaError::UnknownSchemaId(id))?;
     if writer.name != E::NAME {
-        return Err(SchemaError::Avro(format!(
-            "schema id {id} is {}, expected {}",
-            writer.name,
-            E::NAME
-        )));
+        return Err(SchemaError::Avro(format!("schema id {id} is {}, expected {}", writer.name, E::NAME)));
     }
     let reader = latest(E::NAME).unwrap_or(writer);
     let mut cursor = datum;
@@ -136,12 +115,7 @@ fn avro_to_json(v: apache_avro::types::Value) -> serde_json::Value {
         A::Union(_, inner) => avro_to_json(*inner),
         A::Array(items) => J::Array(items.into_iter().map(avro_to_json).collect()),
         A::Map(m) => J::Object(m.into_iter().map(|(k, v)| (k, avro_to_json(v))).collect()),
-        A::Record(fields) => J::Object(
-            fields
-                .into_iter()
-                .map(|(k, v)| (k, avro_to_json(v)))
-                .collect(),
-        ),
+        A::Record(fields) => J::Object(fields.into_iter().map(|(k, v)| (k, avro_to_json(v))).collect()),
         other => J::String(format!("{other:?}")),
     }
 }
@@ -154,12 +128,7 @@ mod tests {
 
     fn sample() -> ResourceChanged {
         ResourceChanged {
-            envelope: Envelope::new(
-                "ResourceChanged",
-                1,
-                "corr-1".into(),
-                Some("client-a".into()),
-            ),
+            envelope: Envelope::new("ResourceChanged", 1, "corr-1".into(), Some("client-a".into())),
             mode: WriteMode::Transaction,
             changes: vec![
                 ResourceChange {
@@ -187,12 +156,7 @@ mod tests {
         let mut ids = std::collections::HashSet::new();
         for s in &SCHEMAS {
             assert!(ids.insert(s.id), "duplicate schema id {}", s.id);
-            assert_eq!(
-                s.id,
-                100 * (s.id / 100) + s.version as u32,
-                "id scheme for {}",
-                s.file
-            );
+            assert_eq!(s.id, 100 * (s.id / 100) + s.version as u32, "id scheme for {}", s.file);
             let parsed = Schema::parse_str(s.avsc).unwrap_or_else(|e| panic!("{}: {e}", s.file));
             assert_eq!(parsed.name().map(|n| n.name.as_str()), Some(s.name));
         }
@@ -202,18 +166,9 @@ mod tests {
     #[test]
     fn every_version_reads_every_older_one() {
         for newer in &SCHEMAS {
-            for older in SCHEMAS
-                .iter()
-                .filter(|o| o.name == newer.name && o.version <= newer.version)
-            {
+            for older in SCHEMAS.iter().filter(|o| o.name == newer.name && o.version <= newer.version) {
                 let r = SchemaCompatibility::can_read(older.schema(), newer.schema());
-                assert!(
-                    r.is_ok(),
-                    "{} v{} cannot read v{}: {r:?}",
-                    newer.name,
-                    newer.version,
-                    older.version
-                );
+                assert!(r.is_ok(), "{} v{} cannot read v{}: {r:?}", newer.name, newer.version, older.version);
             }
         }
     }
@@ -236,10 +191,7 @@ mod tests {
         let ev = sample();
         let bytes = encode_event(&ev).expect("encode");
         assert_eq!(bytes[0], 0);
-        assert_eq!(
-            u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
-            101
-        );
+        assert_eq!(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]), 101);
         let back: ResourceChanged = decode_event(&bytes).expect("decode");
         assert_eq!(back, ev);
         let (_, name, json) = decode_to_json(&bytes).expect("json");
@@ -251,9 +203,6 @@ mod tests {
     #[test]
     fn unknown_schema_id_is_an_error() {
         let bytes = wire::frame(999, &[0]);
-        assert!(matches!(
-            decode_event::<ResourceChanged>(&bytes),
-            Err(SchemaError::UnknownSchemaId(999))
-        ));
+        assert!(matches!(decode_event::<ResourceChanged>(&bytes), Err(SchemaError::UnknownSchemaId(999))));
     }
 }

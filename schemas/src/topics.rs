@@ -12,11 +12,8 @@ pub const VALIDATE_DLQ: &str = "fhir.submissions.dlq";
 
 /// Every topic payerx creates at start-up, with its value schema name (DLQs carry the value of
 /// their input topic).
-pub const ALL: &[(&str, &str)] = &[
-    (FHIR_SUBMISSIONS, "ResourceChanged"),
-    (FHIR_CHANGES, "ResourceChanged"),
-    (VALIDATE_DLQ, "ResourceChanged"),
-];
+pub const ALL: &[(&str, &str)] =
+    &[(FHIR_SUBMISSIONS, "ResourceChanged"), (FHIR_CHANGES, "ResourceChanged"), (VALIDATE_DLQ, "ResourceChanged")];
 
 /// Header names used on every record. Values are UTF-8.
 pub mod headers {

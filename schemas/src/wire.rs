@@ -15,16 +15,10 @@ pub fn frame(schema_id: u32, datum: &[u8]) -> Vec<u8> {
 /// Splits a framed value into its schema id and datum.
 pub fn unframe(value: &[u8]) -> Result<(u32, &[u8]), SchemaError> {
     if value.len() < 5 {
-        return Err(SchemaError::Framing(format!(
-            "{} bytes, need at least 5",
-            value.len()
-        )));
+        return Err(SchemaError::Framing(format!("{} bytes, need at least 5", value.len())));
     }
     if value[0] != MAGIC {
-        return Err(SchemaError::Framing(format!(
-            "magic byte {:#04x}, expected 0x00",
-            value[0]
-        )));
+        return Err(SchemaError::Framing(format!("magic byte {:#04x}, expected 0x00", value[0])));
     }
     let id = u32::from_be_bytes([value[1], value[2], value[3], value[4]]);
     Ok((id, &value[5..]))

@@ -50,9 +50,8 @@ macro_rules! both_tiers {
 }
 
 fn env_required(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: the integration tier runs through scripts/test-integration.sh")
-    })
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: the integration tier runs through scripts/test-integration.sh"))
 }
 
 /// A fresh backend for one test.
@@ -63,13 +62,8 @@ pub async fn backend(tier: Tier, dir: &std::path::Path) -> BackendArgs {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         b.kafka_brokers = Some(env_required("PAYERX_TEST_KAFKA_BROKERS"));
         b.topic_prefix = format!("t{suffix}.");
-        b.database_url = Some(
-            fresh_database(
-                &env_required("PAYERX_TEST_DATABASE_URL"),
-                &format!("payerx_{suffix}"),
-            )
-            .await,
-        );
+        b.database_url =
+            Some(fresh_database(&env_required("PAYERX_TEST_DATABASE_URL"), &format!("payerx_{suffix}")).await);
     }
     b
 }
@@ -77,17 +71,10 @@ pub async fn backend(tier: Tier, dir: &std::path::Path) -> BackendArgs {
 /// Creates database `name` on the server of `admin_url` and returns its URL.
 pub async fn fresh_database(admin_url: &str, name: &str) -> String {
     sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(admin_url)
-        .await
-        .expect("connect to PostgreSQL admin URL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&pool)
-        .await
-        .expect("create test database");
+    let pool = sqlx::AnyPool::connect(admin_url).await.expect("connect to PostgreSQL admin URL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create test database");
     pool.close().await;
-    let (head, _) = admin_url
-        .rsplit_once('/')
-        .expect("URL with a database path");
+    let (head, _) = admin_url.rsplit_once('/').expect("URL with a database path");
     format!("{head}/{name}")
 }
 
@@ -104,14 +91,7 @@ impl Harness {
         tweak(&mut args);
         let app = App::start(args).await.expect("payerx starts");
         let base = app.base_url();
-        Harness {
-            tier,
-            backend,
-            app: Some(app),
-            client: reqwest::Client::new(),
-            dir,
-            base,
-        }
+        Harness { tier, backend, app: Some(app), client: reqwest::Client::new(), dir, base }
     }
 
     pub fn app(&self) -> &App {
@@ -195,10 +175,7 @@ pub async fn json(r: reqwest::Response) -> Value {
 
 /// The first issue's expression of an OperationOutcome.
 pub fn expression(oo: &Value) -> String {
-    oo["issue"][0]["expression"][0]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
+    oo["issue"][0]["expression"][0].as_str().unwrap_or("").to_string()
 }
 
 pub fn patient(id: &str, family: &str) -> Value {
@@ -223,11 +200,7 @@ pub fn payerx_binary() -> PathBuf {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Sends raw bytes to the server at `base` (`http://host:port`) and reads the answer without
@@ -264,14 +237,7 @@ pub async fn raw_request(base: &str, request: &str) -> (u16, String) {
     })
     .await;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }

@@ -8,10 +8,7 @@ use std::process::Command;
 use payerx::load::{load_into, LoadArgs};
 use tests::{both_tiers, patient, payerx_binary, Harness};
 
-both_tiers!(
-    load_feeds_ndjson_and_bundles,
-    events_prints_decoded_json_lines
-);
+both_tiers!(load_feeds_ndjson_and_bundles, events_prints_decoded_json_lines);
 
 async fn load_feeds_ndjson_and_bundles(h: Harness) {
     let folder = h.dir.path().join("feed");
@@ -21,11 +18,7 @@ async fn load_feeds_ndjson_and_bundles(h: Harness) {
         writeln!(nd, "{}", patient(&format!("l{i}"), "Load")).unwrap();
     }
     writeln!(nd).unwrap(); // blank lines are skipped
-    writeln!(
-        nd,
-        "{{\"resourceType\":\"Patient\",\"id\":\"bad\",\"birthDate\":\"1980-99-01\"}}"
-    )
-    .unwrap();
+    writeln!(nd, "{{\"resourceType\":\"Patient\",\"id\":\"bad\",\"birthDate\":\"1980-99-01\"}}").unwrap();
     writeln!(nd, "{{not json").unwrap();
     drop(nd);
     let tx = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -35,89 +28,45 @@ async fn load_feeds_ndjson_and_bundles(h: Harness) {
     ]});
     std::fs::write(folder.join("nested/tx.json"), tx.to_string()).unwrap();
     let collection = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": patient("coll1", "C")}]});
-    std::fs::write(
-        folder.join("nested/collection.json"),
-        collection.to_string(),
-    )
-    .unwrap();
+    std::fs::write(folder.join("nested/collection.json"), collection.to_string()).unwrap();
 
-    let args = LoadArgs {
-        backend: h.backend.clone(),
-        path: folder,
-        chunk: 64,
-        show_rejects: 0,
-        quiet: true,
-    };
+    let args = LoadArgs { backend: h.backend.clone(), path: folder, chunk: 64, show_rejects: 0, quiet: true };
     let report = load_into(h.app().log.clone(), &args).await.unwrap();
     assert_eq!(report.files, 3);
-    assert_eq!(
-        report.accepted,
-        200 + 1 + 1,
-        "200 patients, one transaction event, one collection entry"
-    );
+    assert_eq!(report.accepted, 200 + 1 + 1, "200 patients, one transaction event, one collection entry");
     assert_eq!(report.rejected, 2);
     h.eventually("loaded resources are visible", || async {
-        h.get("/fhir/Patient/l199").await.status() == 200
-            && h.get("/fhir/Coverage/cov1").await.status() == 200
+        h.get("/fhir/Patient/l199").await.status() == 200 && h.get("/fhir/Coverage/cov1").await.status() == 200
     })
     .await;
-    assert_eq!(h.app().store.count("Patient").await.unwrap(), 201);
+    assert_eq!(h.app().store().count("Patient").await.unwrap(), 201);
     assert_eq!(h.get("/fhir/Organization/org1").await.status(), 200);
     assert_eq!(h.get("/fhir/Patient/bad").await.status(), 404);
     h.stop().await;
 }
 
 async fn events_prints_decoded_json_lines(h: Harness) {
-    assert_eq!(
-        h.put("/fhir/Patient/e1", &patient("e1", "Events"))
-            .await
-            .status(),
-        201
-    );
-    assert_eq!(
-        h.client
-            .delete(h.url("/fhir/Patient/e1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        204
-    );
+    assert_eq!(h.put("/fhir/Patient/e1", &patient("e1", "Events")).await.status(), 201);
+    assert_eq!(h.client.delete(h.url("/fhir/Patient/e1")).send().await.unwrap().status(), 204);
     let b = h.backend.clone();
     let mut cmd = Command::new(payerx_binary());
-    cmd.args([
-        "events",
-        "--topic",
-        "fhir.changes",
-        "--from-beginning",
-        "--data-dir",
-    ])
-    .arg(&b.data_dir)
-    .args(["--topic-prefix", &b.topic_prefix]);
+    cmd.args(["events", "--topic", "fhir.changes", "--from-beginning", "--data-dir"])
+        .arg(&b.data_dir)
+        .args(["--topic-prefix", &b.topic_prefix]);
     if let Some(k) = &b.kafka_brokers {
         cmd.args(["--kafka-brokers", k]);
     }
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["type"], "ResourceChanged");
     assert_eq!(lines[0]["schema_id"], 101);
     assert_eq!(lines[0]["key"], "Patient/e1");
     assert_eq!(lines[0]["value"]["changes"][0]["action"], "UPSERT");
     assert_eq!(lines[1]["value"]["changes"][0]["action"], "DELETE");
-    assert!(
-        lines[1]["value"]["envelope"]["causation_id"].is_string(),
-        "derived events name their cause"
-    );
+    assert!(lines[1]["value"]["envelope"]["causation_id"].is_string(), "derived events name their cause");
     assert_eq!(lines[0]["headers"]["payerx.event-type"], "ResourceChanged");
     h.stop().await;
 }

@@ -12,11 +12,7 @@ use std::time::{Duration, Instant};
 use tests::{backend, free_port, patient, payerx_binary, Tier};
 
 fn spawn(args: &[String], log: &std::path::Path) -> Child {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(payerx_binary())
         .args(args)
         .env("PAYERX_LOG", "info,sqlx=warn")
@@ -36,10 +32,7 @@ async fn wait_ready(client: &reqwest::Client, base: &str, log: &std::path::Path)
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!(
-        "payerx did not become ready:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
+    panic!("payerx did not become ready:\n{}", std::fs::read_to_string(log).unwrap_or_default());
 }
 
 async fn kill9_loses_nothing(tier: Tier) {
@@ -54,12 +47,7 @@ async fn kill9_loses_nothing(tier: Tier) {
         "--data-dir".into(),
         b.data_dir.display().to_string(),
     ];
-    args.extend([
-        "--partitions".into(),
-        "3".into(),
-        "--topic-prefix".into(),
-        b.topic_prefix.clone(),
-    ]);
+    args.extend(["--partitions".into(), "3".into(), "--topic-prefix".into(), b.topic_prefix.clone()]);
     if let Some(k) = &b.kafka_brokers {
         args.extend(["--kafka-brokers".into(), k.clone()]);
     }
@@ -67,10 +55,7 @@ async fn kill9_loses_nothing(tier: Tier) {
         args.extend(["--database-url".into(), d.clone()]);
     }
     let log = dir.path().join("payerx.log");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let mut child = spawn(&args, &log);
     wait_ready(&client, &base, &log).await;
 
@@ -114,17 +99,10 @@ async fn kill9_loses_nothing(tier: Tier) {
     while !missing.is_empty() && Instant::now() < deadline {
         let mut still = vec![];
         for id in missing {
-            let r = client
-                .get(format!("{base}/fhir/Patient/{id}"))
-                .send()
-                .await
-                .unwrap();
+            let r = client.get(format!("{base}/fhir/Patient/{id}")).send().await.unwrap();
             if r.status() == 200 {
                 let body: serde_json::Value = r.json().await.unwrap();
-                assert_eq!(
-                    body["meta"]["versionId"], "1",
-                    "{id} was applied more than once"
-                );
+                assert_eq!(body["meta"]["versionId"], "1", "{id} was applied more than once");
             } else {
                 still.push(id);
             }
@@ -134,24 +112,14 @@ async fn kill9_loses_nothing(tier: Tier) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    assert!(
-        missing.is_empty(),
-        "acknowledged writes lost after kill -9: {missing:?}"
-    );
+    assert!(missing.is_empty(), "acknowledged writes lost after kill -9: {missing:?}");
     for id in acked.iter().step_by(25) {
-        let r = client
-            .get(format!("{base}/fhir/Patient/{id}/_history/2"))
-            .send()
-            .await
-            .unwrap();
+        let r = client.get(format!("{base}/fhir/Patient/{id}/_history/2")).send().await.unwrap();
         assert_eq!(r.status(), 404, "{id} has a second version: applied twice");
     }
 
     // SIGTERM: drains in-flight work and exits 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let exit = loop {
@@ -161,11 +129,7 @@ async fn kill9_loses_nothing(tier: Tier) {
         assert!(Instant::now() < deadline, "payerx did not stop on SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(
-        exit.success(),
-        "exit after SIGTERM: {exit:?}\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert!(exit.success(), "exit after SIGTERM: {exit:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

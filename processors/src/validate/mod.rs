@@ -48,12 +48,7 @@ const MAX_DEPTH: usize = 96;
 /// element by FHIRPath-like expression, e.g. `Patient.birthDate`, `Patient.name[0].given[1]`,
 /// `ExplanationOfBenefit.item[2].servicedDate`.
 pub fn validate_resource(resource: &Value) -> Result<(), Vec<Issue>> {
-    let mut w = Walker {
-        idx: Index::get(),
-        path: Vec::with_capacity(16),
-        issues: Vec::new(),
-        depth: 0,
-    };
+    let mut w = Walker { idx: Index::get(), path: Vec::with_capacity(16), issues: Vec::new(), depth: 0 };
     w.resource(resource);
     if w.issues.is_empty() {
         Ok(())
@@ -173,17 +168,8 @@ impl<'a> Walker<'a> {
         if self.full() {
             return;
         }
-        let expression = if expression.is_empty() {
-            vec![]
-        } else {
-            vec![expression]
-        };
-        self.issues.push(Issue {
-            severity: IssueSeverity::Error,
-            code,
-            diagnostics: Some(diagnostics),
-            expression,
-        });
+        let expression = if expression.is_empty() { vec![] } else { vec![expression] };
+        self.issues.push(Issue { severity: IssueSeverity::Error, code, diagnostics: Some(diagnostics), expression });
     }
 
     /// An issue about the element at the current path.
@@ -208,25 +194,14 @@ impl<'a> Walker<'a> {
     fn resource(&mut self, v: &'a Value) {
         let root = self.path.is_empty();
         let Value::Object(obj) = v else {
-            let what = if root {
-                "A resource".to_string()
-            } else {
-                self.path_string()
-            };
+            let what = if root { "A resource".to_string() } else { self.path_string() };
             self.here(
                 IssueType::Structure,
-                format!(
-                    "{what} must be a JSON object (a FHIR resource), found {}",
-                    json_kind(v)
-                ),
+                format!("{what} must be a JSON object (a FHIR resource), found {}", json_kind(v)),
             );
             return;
         };
-        let where_ = if root {
-            "The resource".to_string()
-        } else {
-            self.path_string()
-        };
+        let where_ = if root { "The resource".to_string() } else { self.path_string() };
         let rt = match obj.get("resourceType") {
             None => {
                 self.here(IssueType::Required, format!("{where_} has no resourceType"));
@@ -240,11 +215,7 @@ impl<'a> Walker<'a> {
                     p,
                     format!(
                         "{}resourceType must be a string naming an R4 resource type, found {}",
-                        if root {
-                            String::new()
-                        } else {
-                            format!("{where_}: ")
-                        },
+                        if root { String::new() } else { format!("{where_}: ") },
                         json_kind(other)
                     ),
                 );
@@ -255,18 +226,11 @@ impl<'a> Walker<'a> {
             Some(ty) if self.idx.resources.contains(rt) => ty,
             _ => {
                 let p = self.child_path("resourceType");
-                let at = if root {
-                    String::new()
-                } else {
-                    format!("{where_}: ")
-                };
+                let at = if root { String::new() } else { format!("{where_}: ") };
                 let why = if self.idx.abstract_resources.contains(rt) {
                     format!("{at}'{rt}' is an abstract type, not a resource type")
                 } else {
-                    format!(
-                        "{at}Unknown resourceType {}: not an R4 (4.0.1) resource type",
-                        quote(rt)
-                    )
+                    format!("{at}Unknown resourceType {}: not an R4 (4.0.1) resource type", quote(rt))
                 };
                 self.report(IssueType::Invalid, p, why);
                 return;
@@ -288,10 +252,7 @@ impl<'a> Walker<'a> {
         if self.depth >= MAX_DEPTH {
             self.here(
                 IssueType::Structure,
-                format!(
-                    "{} is nested too deeply (more than {MAX_DEPTH} levels)",
-                    self.path_string()
-                ),
+                format!("{} is nested too deeply (more than {MAX_DEPTH} levels)", self.path_string()),
             );
             return;
         }
@@ -317,11 +278,7 @@ impl<'a> Walker<'a> {
             let Some(elem) = td.elems.get(name).copied() else {
                 let owner = self.describe_owner(td.name);
                 let p = self.child_path(key);
-                self.report(
-                    IssueType::Structure,
-                    p,
-                    format!("Unknown element '{key}' in {owner}"),
-                );
+                self.report(IssueType::Structure, p, format!("Unknown element '{key}' in {owner}"));
                 continue;
             };
             let slot = &td.slots[elem.slot as usize];
@@ -355,7 +312,10 @@ impl<'a> Walker<'a> {
                         self.report(
                             IssueType::Structure,
                             p,
-                            format!("{} has more than one value: '{other}' and '{name}' (a choice element takes one type)", self.child_path(slot.name)),
+                            format!(
+                                "{} has more than one value: '{other}' and '{name}' (a choice element takes one type)",
+                                self.child_path(slot.name)
+                            ),
                         );
                         continue;
                     }
@@ -392,10 +352,7 @@ impl<'a> Walker<'a> {
                 self.report(
                     IssueType::Required,
                     p.clone(),
-                    format!(
-                        "{p}: missing required element{what} (cardinality {})",
-                        cardinality(slot.min, slot.max)
-                    ),
+                    format!("{p}: missing required element{what} (cardinality {})", cardinality(slot.min, slot.max)),
                 );
             }
         }
@@ -403,14 +360,7 @@ impl<'a> Walker<'a> {
     }
 
     /// The value of JSON property `name` (not `_name`), at the current path.
-    fn element(
-        &mut self,
-        parent: &'a Map<String, Value>,
-        name: &str,
-        v: &'a Value,
-        elem: Elem,
-        slot: &Slot,
-    ) {
+    fn element(&mut self, parent: &'a Map<String, Value>, name: &str, v: &'a Value, elem: Elem, slot: &Slot) {
         match v {
             Value::Array(items) => {
                 if !elem.max.is_array() {
@@ -427,10 +377,7 @@ impl<'a> Walker<'a> {
                 if items.is_empty() {
                     self.here(
                         IssueType::Structure,
-                        format!(
-                            "{} must not be an empty array (omit the element instead)",
-                            self.path_string()
-                        ),
+                        format!("{} must not be an empty array (omit the element instead)", self.path_string()),
                     );
                     return;
                 }
@@ -438,11 +385,7 @@ impl<'a> Walker<'a> {
                     if items.len() > n as usize {
                         self.here(
                             IssueType::Structure,
-                            format!(
-                                "{} has {} entries, at most {n} are allowed",
-                                self.path_string(),
-                                items.len()
-                            ),
+                            format!("{} has {} entries, at most {n} are allowed", self.path_string(), items.len()),
                         );
                     }
                 }
@@ -483,10 +426,7 @@ impl<'a> Walker<'a> {
             Value::Null => {
                 self.here(
                     IssueType::Structure,
-                    format!(
-                        "{} is null: null is not allowed (omit the element instead)",
-                        self.path_string()
-                    ),
+                    format!("{} is null: null is not allowed (omit the element instead)", self.path_string()),
                 );
             }
             _ => self.value(v, elem.kind),
@@ -498,10 +438,7 @@ impl<'a> Walker<'a> {
         if !matches!(elem.kind, Kind::Prim(_)) {
             self.here(
                 IssueType::Structure,
-                format!(
-                    "{} is null: null is only allowed in arrays of primitive values",
-                    self.path_string()
-                ),
+                format!("{} is null: null is only allowed in arrays of primitive values", self.path_string()),
             );
             return;
         }
@@ -513,10 +450,7 @@ impl<'a> Walker<'a> {
         if !paired {
             self.here(
                 IssueType::Structure,
-                format!(
-                    "{} is null: a null value needs an id or extension at _{name}[{i}]",
-                    self.path_string()
-                ),
+                format!("{} is null: a null value needs an id or extension at _{name}[{i}]", self.path_string()),
             );
         }
     }
@@ -530,36 +464,22 @@ impl<'a> Walker<'a> {
                 Value::Object(o) if o.is_empty() => {
                     self.here(
                         IssueType::Structure,
-                        format!(
-                            "{} is an empty object: an element must have content",
-                            self.path_string()
-                        ),
+                        format!("{} is an empty object: an element must have content", self.path_string()),
                     );
                 }
                 Value::Object(o) => self.object(o, t, false),
                 Value::Null => {
                     self.here(
                         IssueType::Structure,
-                        format!(
-                            "{} is null: null is not allowed (omit the element instead)",
-                            self.path_string()
-                        ),
+                        format!("{} is null: null is not allowed (omit the element instead)", self.path_string()),
                     );
                 }
                 other => {
                     let tn = self.idx.types[t as usize].name;
-                    let tn = if tn.contains('.') {
-                        "a backbone element"
-                    } else {
-                        tn
-                    };
+                    let tn = if tn.contains('.') { "a backbone element" } else { tn };
                     self.here(
                         IssueType::Structure,
-                        format!(
-                            "{} must be a JSON object ({tn}), found {}",
-                            self.path_string(),
-                            json_kind(other)
-                        ),
+                        format!("{} must be a JSON object ({tn}), found {}", self.path_string(), json_kind(other)),
                     );
                 }
             },
@@ -582,31 +502,19 @@ impl<'a> Walker<'a> {
                         };
                         self.here(
                             IssueType::Value,
-                            format!(
-                                "{}: {n} is out of range for a FHIR {} ({range})",
-                                self.path_string(),
-                                p.code()
-                            ),
+                            format!("{}: {n} is out of range for a FHIR {} ({range})", self.path_string(), p.code()),
                         );
                     }
                     None if n.is_u64() => {
                         self.here(
                             IssueType::Value,
-                            format!(
-                                "{}: {n} is out of range for a FHIR {}",
-                                self.path_string(),
-                                p.code()
-                            ),
+                            format!("{}: {n} is out of range for a FHIR {}", self.path_string(), p.code()),
                         );
                     }
                     None => {
                         self.here(
                             IssueType::Value,
-                            format!(
-                                "{}: {n} is not a valid FHIR {} (a whole number)",
-                                self.path_string(),
-                                p.code()
-                            ),
+                            format!("{}: {n} is not a valid FHIR {} (a whole number)", self.path_string(), p.code()),
                         );
                     }
                 }
@@ -624,13 +532,7 @@ impl<'a> Walker<'a> {
                 } else if !p.check_str(s) {
                     self.here(
                         IssueType::Value,
-                        format!(
-                            "{}: {} is not a valid FHIR {} ({})",
-                            self.path_string(),
-                            quote(s),
-                            p.code(),
-                            p.hint()
-                        ),
+                        format!("{}: {} is not a valid FHIR {} ({})", self.path_string(), quote(s), p.code(), p.hint()),
                     );
                 }
             }
@@ -638,10 +540,7 @@ impl<'a> Walker<'a> {
                 let _ = repr;
                 self.here(
                     IssueType::Structure,
-                    format!(
-                        "{} is null: null is not allowed (omit the element instead)",
-                        self.path_string()
-                    ),
+                    format!("{} is null: null is not allowed (omit the element instead)", self.path_string()),
                 );
             }
             (repr, other) => {
@@ -666,24 +565,14 @@ impl<'a> Walker<'a> {
     }
 
     /// `_name` (the current path is `name`): the primitive's id/extensions.
-    fn primitive_extension(
-        &mut self,
-        parent: &'a Map<String, Value>,
-        name: &str,
-        key: &str,
-        v: &'a Value,
-        elem: Elem,
-    ) {
+    fn primitive_extension(&mut self, parent: &'a Map<String, Value>, name: &str, key: &str, v: &'a Value, elem: Elem) {
         let element = self.idx.element;
         match v {
             Value::Object(o) => {
                 if elem.max.is_array() {
                     self.here(
                         IssueType::Structure,
-                        format!(
-                            "'{key}' must be an array lined up with '{name}' ({} repeats)",
-                            self.path_string()
-                        ),
+                        format!("'{key}' must be an array lined up with '{name}' ({} repeats)", self.path_string()),
                     );
                 } else if o.is_empty() {
                     self.here(
@@ -698,18 +587,12 @@ impl<'a> Walker<'a> {
                 if !elem.max.is_array() {
                     self.here(
                         IssueType::Structure,
-                        format!(
-                            "'{key}' must not be an array: {} does not repeat",
-                            self.path_string()
-                        ),
+                        format!("'{key}' must not be an array: {} does not repeat", self.path_string()),
                     );
                     return;
                 }
                 if items.is_empty() {
-                    self.here(
-                        IssueType::Structure,
-                        format!("'{key}' must not be an empty array (omit it instead)"),
-                    );
+                    self.here(IssueType::Structure, format!("'{key}' must not be an empty array (omit it instead)"));
                     return;
                 }
                 let values = parent.get(name).and_then(Value::as_array);
@@ -717,7 +600,11 @@ impl<'a> Walker<'a> {
                     if values.len() != items.len() {
                         self.here(
                             IssueType::Structure,
-                            format!("'{key}' has {} entries but '{name}' has {}: they must line up one to one", items.len(), values.len()),
+                            format!(
+                                "'{key}' has {} entries but '{name}' has {}: they must line up one to one",
+                                items.len(),
+                                values.len()
+                            ),
                         );
                     }
                 }
@@ -736,11 +623,22 @@ impl<'a> Walker<'a> {
                         }
                         Value::Null => {}
                         Value::Object(o) if o.is_empty() => {
-                            self.here(IssueType::Structure, format!("'{key}[{i}]' is an empty object: use null where an entry has no id or extensions"));
+                            self.here(
+                                IssueType::Structure,
+                                format!(
+                                    "'{key}[{i}]' is an empty object: use null where an entry has no id or extensions"
+                                ),
+                            );
                         }
                         Value::Object(o) => self.object(o, element, false),
                         other => {
-                            self.here(IssueType::Structure, format!("'{key}[{i}]' must be a JSON object (id/extension) or null, found {}", json_kind(other)));
+                            self.here(
+                                IssueType::Structure,
+                                format!(
+                                    "'{key}[{i}]' must be a JSON object (id/extension) or null, found {}",
+                                    json_kind(other)
+                                ),
+                            );
                         }
                     }
                     self.path.pop();

@@ -151,18 +151,14 @@ fn is_space(b: u8) -> bool {
 
 /// `[A-Za-z0-9\-\.]{1,64}`
 pub fn is_valid_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// `[^\s]+(\s[^\s]+)*`
 fn is_code(s: &str) -> bool {
     let b = s.as_bytes();
     match (b.first(), b.last()) {
-        (Some(&f), Some(&l)) if !is_space(f) && !is_space(l) => {
-            !b.windows(2).any(|w| is_space(w[0]) && is_space(w[1]))
-        }
+        (Some(&f), Some(&l)) if !is_space(f) && !is_space(l) => !b.windows(2).any(|w| is_space(w[0]) && is_space(w[1])),
         _ => false,
     }
 }
@@ -181,9 +177,7 @@ fn is_oid(s: &str) -> bool {
         let b = arc.as_bytes();
         let ok = match b {
             [b'0'] => true,
-            [first, rest @ ..] => {
-                (b'1'..=b'9').contains(first) && rest.iter().all(u8::is_ascii_digit)
-            }
+            [first, rest @ ..] => (b'1'..=b'9').contains(first) && rest.iter().all(u8::is_ascii_digit),
             [] => false,
         };
         if !ok {
@@ -337,43 +331,26 @@ fn zone(c: &mut Cur) -> Option<()> {
 }
 
 fn is_date(s: &str) -> bool {
-    let mut c = Cur {
-        b: s.as_bytes(),
-        i: 0,
-    };
+    let mut c = Cur { b: s.as_bytes(), i: 0 };
     date_parts(&mut c).is_some() && c.done()
 }
 
 fn is_date_time(s: &str) -> bool {
-    let mut c = Cur {
-        b: s.as_bytes(),
-        i: 0,
-    };
+    let mut c = Cur { b: s.as_bytes(), i: 0 };
     match date_parts(&mut c) {
-        Some(3) if c.eat(b'T') => {
-            time_part(&mut c).and_then(|_| zone(&mut c)).is_some() && c.done()
-        }
+        Some(3) if c.eat(b'T') => time_part(&mut c).and_then(|_| zone(&mut c)).is_some() && c.done(),
         Some(_) => c.done(),
         None => false,
     }
 }
 
 fn is_instant(s: &str) -> bool {
-    let mut c = Cur {
-        b: s.as_bytes(),
-        i: 0,
-    };
-    date_parts(&mut c) == Some(3)
-        && c.eat(b'T')
-        && time_part(&mut c).and_then(|_| zone(&mut c)).is_some()
-        && c.done()
+    let mut c = Cur { b: s.as_bytes(), i: 0 };
+    date_parts(&mut c) == Some(3) && c.eat(b'T') && time_part(&mut c).and_then(|_| zone(&mut c)).is_some() && c.done()
 }
 
 fn is_time(s: &str) -> bool {
-    let mut c = Cur {
-        b: s.as_bytes(),
-        i: 0,
-    };
+    let mut c = Cur { b: s.as_bytes(), i: 0 };
     time_part(&mut c).is_some() && c.done()
 }
 
@@ -383,14 +360,7 @@ mod tests {
 
     #[test]
     fn dates() {
-        for ok in [
-            "2024",
-            "2024-02",
-            "2024-02-29",
-            "2000-02-29",
-            "0001-01-01",
-            "1980-12-31",
-        ] {
+        for ok in ["2024", "2024-02", "2024-02-29", "2000-02-29", "0001-01-01", "1980-12-31"] {
             assert!(is_date(ok), "{ok}");
         }
         for bad in [
@@ -443,12 +413,7 @@ mod tests {
     #[test]
     fn tokens() {
         assert!(is_valid_id("a-Z.0") && is_valid_id(&"x".repeat(64)));
-        assert!(
-            !is_valid_id("")
-                && !is_valid_id(&"x".repeat(65))
-                && !is_valid_id("a_b")
-                && !is_valid_id("a b")
-        );
+        assert!(!is_valid_id("") && !is_valid_id(&"x".repeat(65)) && !is_valid_id("a_b") && !is_valid_id("a b"));
         assert!(is_code("active") && is_code("a b") && is_code("ünïcode"));
         assert!(!is_code(" a") && !is_code("a ") && !is_code("a  b") && !is_code(""));
         assert!(

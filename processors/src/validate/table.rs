@@ -89,11 +89,7 @@ impl Index {
         static INDEX: OnceLock<Index> = OnceLock::new();
         INDEX.get_or_init(|| {
             let idx = Index::load(TABLE);
-            debug_assert!(
-                idx.problems.is_empty(),
-                "r4-elements.tsv: {:?}",
-                idx.problems
-            );
+            debug_assert!(idx.problems.is_empty(), "r4-elements.tsv: {:?}", idx.problems);
             idx
         })
     }
@@ -117,10 +113,7 @@ impl Index {
         };
 
         // pass 1: the types, and every owner (backbone paths have no T line)
-        for line in table
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
+        for line in table.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
             let cols: Vec<&'static str> = line.split('\t').collect();
             match cols.as_slice() {
                 ["T", name, "primitive", ..] => match Prim::from_code(name) {
@@ -148,12 +141,7 @@ impl Index {
 
         let mut types: Vec<TypeDef> = names
             .iter()
-            .map(|name| TypeDef {
-                name,
-                elems: HashMap::default(),
-                slots: Vec::new(),
-                required: Vec::new(),
-            })
+            .map(|name| TypeDef { name, elems: HashMap::default(), slots: Vec::new(), required: Vec::new() })
             .collect();
 
         // pass 2: the elements
@@ -200,12 +188,7 @@ impl Index {
                 problems.push(format!("{owner} has more than {MAX_SLOTS} elements"));
                 continue;
             }
-            td.slots.push(Slot {
-                name,
-                types: type_codes,
-                min,
-                max,
-            });
+            td.slots.push(Slot { name, types: type_codes, min, max });
             if min > 0 {
                 td.required.push(slot);
             }
@@ -221,30 +204,12 @@ impl Index {
                         json.extend(first.to_uppercase());
                         json.push_str(chars.as_str());
                     }
-                    td.elems.insert(
-                        json.into_boxed_str(),
-                        Elem {
-                            kind,
-                            slot,
-                            max,
-                            choice: true,
-                        },
-                    );
+                    td.elems.insert(json.into_boxed_str(), Elem { kind, slot, max, choice: true });
                 }
             } else if type_codes.contains('|') {
-                problems.push(format!(
-                    "{owner}.{name}: several types on a non-choice element"
-                ));
+                problems.push(format!("{owner}.{name}: several types on a non-choice element"));
             } else if let Some(kind) = kind_of(type_codes, &mut problems) {
-                td.elems.insert(
-                    (*name).into(),
-                    Elem {
-                        kind,
-                        slot,
-                        max,
-                        choice: false,
-                    },
-                );
+                td.elems.insert((*name).into(), Elem { kind, slot, max, choice: false });
             }
         }
 
@@ -252,14 +217,7 @@ impl Index {
             problems.push("no Element type".to_string());
             0
         });
-        Index {
-            types,
-            by_name,
-            resources,
-            abstract_resources,
-            element,
-            problems,
-        }
+        Index { types, by_name, resources, abstract_resources, element, problems }
     }
 }
 

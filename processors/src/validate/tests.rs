@@ -7,22 +7,10 @@ use super::table::Index;
 use super::{is_resource_type, is_valid_id, validate_resource, MAX_ISSUES};
 
 const SEEDS: [(&str, &str); 4] = [
-    (
-        "seed001-member-match-request.json",
-        include_str!("testdata/seed001-member-match-request.json"),
-    ),
-    (
-        "seed001-member-match-response.json",
-        include_str!("testdata/seed001-member-match-response.json"),
-    ),
-    (
-        "seed001-member-match-failure.json",
-        include_str!("testdata/seed001-member-match-failure.json"),
-    ),
-    (
-        "seed001-everything-provenance.json",
-        include_str!("testdata/seed001-everything-provenance.json"),
-    ),
+    ("seed001-member-match-request.json", include_str!("testdata/seed001-member-match-request.json")),
+    ("seed001-member-match-response.json", include_str!("testdata/seed001-member-match-response.json")),
+    ("seed001-member-match-failure.json", include_str!("testdata/seed001-member-match-failure.json")),
+    ("seed001-everything-provenance.json", include_str!("testdata/seed001-everything-provenance.json")),
 ];
 const PATIENT: &str = include_str!("testdata/carinbb-patient.json");
 const COVERAGE: &str = include_str!("testdata/carinbb-coverage.json");
@@ -50,19 +38,11 @@ fn assert_valid(name: &str, v: &Value) {
 /// Exactly one issue, with this code and expression; returns its diagnostics.
 fn one(v: &Value, code: IssueType, expression: &str) -> String {
     let found = issues(v);
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one issue at {expression}, got: {found:#?}"
-    );
+    assert_eq!(found.len(), 1, "expected one issue at {expression}, got: {found:#?}");
     let issue = &found[0];
     assert_eq!(issue.severity, IssueSeverity::Error);
     assert_eq!(issue.code, code, "{issue:#?}");
-    let want: Vec<String> = if expression.is_empty() {
-        vec![]
-    } else {
-        vec![expression.to_string()]
-    };
+    let want: Vec<String> = if expression.is_empty() { vec![] } else { vec![expression.to_string()] };
     assert_eq!(issue.expression, want, "{issue:#?}");
     issue.diagnostics.clone().expect("diagnostics")
 }
@@ -81,11 +61,7 @@ fn patient(extra: Value) -> Value {
 fn table_loads_without_problems() {
     let idx = Index::get();
     assert!(idx.problems.is_empty(), "{:#?}", idx.problems);
-    assert_eq!(
-        idx.resources.len(),
-        146,
-        "R4 has 146 concrete resource types"
-    );
+    assert_eq!(idx.resources.len(), 146, "R4 has 146 concrete resource types");
     for t in [
         "Patient",
         "ExplanationOfBenefit",
@@ -98,15 +74,7 @@ fn table_loads_without_problems() {
     ] {
         assert!(is_resource_type(t), "{t}");
     }
-    for t in [
-        "Resource",
-        "DomainResource",
-        "SubscriptionStatus",
-        "HumanName",
-        "patient",
-        "Patient.contact",
-        "",
-    ] {
+    for t in ["Resource", "DomainResource", "SubscriptionStatus", "HumanName", "patient", "Patient.contact", ""] {
         assert!(!is_resource_type(t), "{t}");
     }
     // backbone paths and contentReference targets are types of their own
@@ -182,64 +150,31 @@ fn bundle_of_them_is_valid() {
 
 #[test]
 fn bad_date() {
-    let d = one(
-        &patient(json!({"birthDate": "1980-13-45"})),
-        IssueType::Value,
-        "Patient.birthDate",
-    );
-    assert_eq!(
-        d,
-        "Patient.birthDate: '1980-13-45' is not a valid FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)"
-    );
-    one(
-        &patient(json!({"birthDate": "2023-02-29"})),
-        IssueType::Value,
-        "Patient.birthDate",
-    );
+    let d = one(&patient(json!({"birthDate": "1980-13-45"})), IssueType::Value, "Patient.birthDate");
+    assert_eq!(d, "Patient.birthDate: '1980-13-45' is not a valid FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)");
+    one(&patient(json!({"birthDate": "2023-02-29"})), IssueType::Value, "Patient.birthDate");
     assert_valid("leap day", &patient(json!({"birthDate": "2024-02-29"})));
 }
 
 #[test]
 fn array_versus_single() {
-    let d = one(
-        &patient(json!({"name": {"family": "Example"}})),
-        IssueType::Structure,
-        "Patient.name",
-    );
+    let d = one(&patient(json!({"name": {"family": "Example"}})), IssueType::Structure, "Patient.name");
     assert_eq!(d, "Patient.name must be an array (cardinality 0..*)");
-    let d = one(
-        &patient(json!({"birthDate": ["1980-01-01"]})),
-        IssueType::Structure,
-        "Patient.birthDate",
-    );
-    assert_eq!(
-        d,
-        "Patient.birthDate must not be an array (cardinality 0..1)"
-    );
-    one(
-        &patient(json!({"name": [{"given": "Pat"}]})),
-        IssueType::Structure,
-        "Patient.name[0].given",
-    );
+    let d = one(&patient(json!({"birthDate": ["1980-01-01"]})), IssueType::Structure, "Patient.birthDate");
+    assert_eq!(d, "Patient.birthDate must not be an array (cardinality 0..1)");
+    one(&patient(json!({"name": [{"given": "Pat"}]})), IssueType::Structure, "Patient.name[0].given");
 }
 
 #[test]
 fn unknown_elements() {
-    let d = one(
-        &patient(json!({"foo": 1})),
-        IssueType::Structure,
-        "Patient.foo",
-    );
+    let d = one(&patient(json!({"foo": 1})), IssueType::Structure, "Patient.foo");
     assert_eq!(d, "Unknown element 'foo' in Patient");
     let d = one(
         &patient(json!({"name": [{"family": "X", "surname": "Y"}]})),
         IssueType::Structure,
         "Patient.name[0].surname",
     );
-    assert_eq!(
-        d,
-        "Unknown element 'surname' in Patient.name[0] (HumanName)"
-    );
+    assert_eq!(d, "Unknown element 'surname' in Patient.name[0] (HumanName)");
     // a backbone element
     let d = one(
         &patient(json!({"contact": [{"relationshipp": []}]})),
@@ -254,77 +189,32 @@ fn unknown_elements() {
         "Patient.maritalStatus.resourceType",
     );
     // elements Medplum adds to Meta are not R4
-    one(
-        &patient(json!({"meta": {"project": "x"}})),
-        IssueType::Structure,
-        "Patient.meta.project",
-    );
+    one(&patient(json!({"meta": {"project": "x"}})), IssueType::Structure, "Patient.meta.project");
 }
 
 #[test]
 fn wrong_json_types() {
-    let d = one(
-        &patient(json!({"active": "true"})),
-        IssueType::Structure,
-        "Patient.active",
-    );
+    let d = one(&patient(json!({"active": "true"})), IssueType::Structure, "Patient.active");
     assert_eq!(d, "Patient.active is a FHIR boolean and must be a JSON boolean (true or false), found a string 'true'");
-    one(
-        &patient(json!({"name": [{"given": ["Pat", 7]}]})),
-        IssueType::Structure,
-        "Patient.name[0].given[1]",
-    );
-    one(
-        &patient(json!({"maritalStatus": "M"})),
-        IssueType::Structure,
-        "Patient.maritalStatus",
-    );
-    one(
-        &patient(json!({"multipleBirthInteger": "2"})),
-        IssueType::Structure,
-        "Patient.multipleBirthInteger",
-    );
+    one(&patient(json!({"name": [{"given": ["Pat", 7]}]})), IssueType::Structure, "Patient.name[0].given[1]");
+    one(&patient(json!({"maritalStatus": "M"})), IssueType::Structure, "Patient.maritalStatus");
+    one(&patient(json!({"multipleBirthInteger": "2"})), IssueType::Structure, "Patient.multipleBirthInteger");
     let q = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueQuantity": {"value": "12.5"}});
     let d = one(&q, IssueType::Structure, "Observation.valueQuantity.value");
-    assert!(
-        d.contains("FHIR decimal") && d.contains("JSON number"),
-        "{d}"
-    );
-    one(
-        &patient(json!({"text": "hello"})),
-        IssueType::Structure,
-        "Patient.text",
-    );
+    assert!(d.contains("FHIR decimal") && d.contains("JSON number"), "{d}");
+    one(&patient(json!({"text": "hello"})), IssueType::Structure, "Patient.text");
 }
 
 #[test]
 fn numbers() {
-    let d = one(
-        &patient(json!({"multipleBirthInteger": 1.5})),
-        IssueType::Value,
-        "Patient.multipleBirthInteger",
-    );
-    assert_eq!(
-        d,
-        "Patient.multipleBirthInteger: 1.5 is not a valid FHIR integer (a whole number)"
-    );
-    one(
-        &patient(json!({"multipleBirthInteger": 2_147_483_648_i64})),
-        IssueType::Value,
-        "Patient.multipleBirthInteger",
-    );
-    assert_valid(
-        "negative integer",
-        &patient(json!({"multipleBirthInteger": -3})),
-    );
+    let d = one(&patient(json!({"multipleBirthInteger": 1.5})), IssueType::Value, "Patient.multipleBirthInteger");
+    assert_eq!(d, "Patient.multipleBirthInteger: 1.5 is not a valid FHIR integer (a whole number)");
+    one(&patient(json!({"multipleBirthInteger": 2_147_483_648_i64})), IssueType::Value, "Patient.multipleBirthInteger");
+    assert_valid("negative integer", &patient(json!({"multipleBirthInteger": -3})));
     // positiveInt
     let mut eob = parse(EOB);
     eob["item"][1]["sequence"] = json!(0);
-    let d = one(
-        &eob,
-        IssueType::Value,
-        "ExplanationOfBenefit.item[1].sequence",
-    );
+    let d = one(&eob, IssueType::Value, "ExplanationOfBenefit.item[1].sequence");
     assert_eq!(d, "ExplanationOfBenefit.item[1].sequence: 0 is out of range for a FHIR positiveInt (1..2147483647)");
     // unsignedInt
     let b = json!({"resourceType": "Bundle", "type": "searchset", "total": -1});
@@ -336,165 +226,71 @@ fn numbers() {
 
 #[test]
 fn primitive_formats() {
-    let d = one(
-        &patient(json!({"gender": " male"})),
-        IssueType::Value,
-        "Patient.gender",
-    );
+    let d = one(&patient(json!({"gender": " male"})), IssueType::Value, "Patient.gender");
     assert!(d.contains("not a valid FHIR code"), "{d}");
+    one(&patient(json!({"meta": {"lastUpdated": "2024-01-01"}})), IssueType::Value, "Patient.meta.lastUpdated");
+    one(&patient(json!({"deceasedDateTime": "2024-01-01T10:00:00"})), IssueType::Value, "Patient.deceasedDateTime");
+    assert_valid("dateTime", &patient(json!({"deceasedDateTime": "2024-01-01T10:00:00.5+05:30"})));
     one(
-        &patient(json!({"meta": {"lastUpdated": "2024-01-01"}})),
-        IssueType::Value,
-        "Patient.meta.lastUpdated",
-    );
-    one(
-        &patient(json!({"deceasedDateTime": "2024-01-01T10:00:00"})),
-        IssueType::Value,
-        "Patient.deceasedDateTime",
-    );
-    assert_valid(
-        "dateTime",
-        &patient(json!({"deceasedDateTime": "2024-01-01T10:00:00.5+05:30"})),
-    );
-    one(
-        &patient(
-            json!({"identifier": [{"system": "http://example.org/ids with space", "value": "1"}]}),
-        ),
+        &patient(json!({"identifier": [{"system": "http://example.org/ids with space", "value": "1"}]})),
         IssueType::Value,
         "Patient.identifier[0].system",
     );
     // oid and uuid are typed in ValueSet.expansion.identifier (uri) ... use Extension value[x]
-    let ext =
-        |v: Value| patient(json!({"extension": [{"url": "http://example.org/x", "valueOid": v}]}));
+    let ext = |v: Value| patient(json!({"extension": [{"url": "http://example.org/x", "valueOid": v}]}));
     assert_valid("oid", &ext(json!("urn:oid:2.16.840.1.113883")));
-    one(
-        &ext(json!("2.16.840.1.113883")),
-        IssueType::Value,
-        "Patient.extension[0].valueOid",
-    );
-    let ext =
-        |v: Value| patient(json!({"extension": [{"url": "http://example.org/x", "valueUuid": v}]}));
-    assert_valid(
-        "uuid",
-        &ext(json!("urn:uuid:c757873d-ec9a-4326-a141-556f43239520")),
-    );
+    one(&ext(json!("2.16.840.1.113883")), IssueType::Value, "Patient.extension[0].valueOid");
+    let ext = |v: Value| patient(json!({"extension": [{"url": "http://example.org/x", "valueUuid": v}]}));
+    assert_valid("uuid", &ext(json!("urn:uuid:c757873d-ec9a-4326-a141-556f43239520")));
     one(
         &ext(json!("urn:uuid:C757873D-EC9A-4326-A141-556F43239520")),
         IssueType::Value,
         "Patient.extension[0].valueUuid",
     );
-    let photo =
-        |data: &str| patient(json!({"photo": [{"contentType": "image/png", "data": data}]}));
+    let photo = |data: &str| patient(json!({"photo": [{"contentType": "image/png", "data": data}]}));
     assert_valid("base64", &photo("iVBORw0KGgo="));
-    let d = one(
-        &photo("iVBORw0KGgo*"),
-        IssueType::Value,
-        "Patient.photo[0].data",
-    );
+    let d = one(&photo("iVBORw0KGgo*"), IssueType::Value, "Patient.photo[0].data");
     assert!(d.contains("base64Binary"), "{d}");
-    let obs = |t: &str| json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueTime": t});
+    let obs =
+        |t: &str| json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueTime": t});
     assert_valid("time", &obs("23:59:59"));
     one(&obs("25:00:00"), IssueType::Value, "Observation.valueTime");
-    let d = one(
-        &patient(json!({"text": {"status": "generated", "div": "hello"}})),
-        IssueType::Value,
-        "Patient.text.div",
-    );
+    let d =
+        one(&patient(json!({"text": {"status": "generated", "div": "hello"}})), IssueType::Value, "Patient.text.div");
     assert!(d.contains("xhtml"), "{d}");
 }
 
 #[test]
 fn empty_and_null() {
-    let d = one(
-        &patient(json!({"gender": ""})),
-        IssueType::Value,
-        "Patient.gender",
-    );
-    assert_eq!(
-        d,
-        "Patient.gender: empty string is not a valid FHIR code (omit the element instead)"
-    );
-    one(
-        &patient(json!({"maritalStatus": {}})),
-        IssueType::Structure,
-        "Patient.maritalStatus",
-    );
-    one(
-        &patient(json!({"name": []})),
-        IssueType::Structure,
-        "Patient.name",
-    );
-    one(
-        &patient(json!({"birthDate": null})),
-        IssueType::Structure,
-        "Patient.birthDate",
-    );
-    one(
-        &patient(json!({"name": [null]})),
-        IssueType::Structure,
-        "Patient.name[0]",
-    );
-    one(
-        &patient(json!({"name": [{"family": ""}]})),
-        IssueType::Value,
-        "Patient.name[0].family",
-    );
+    let d = one(&patient(json!({"gender": ""})), IssueType::Value, "Patient.gender");
+    assert_eq!(d, "Patient.gender: empty string is not a valid FHIR code (omit the element instead)");
+    one(&patient(json!({"maritalStatus": {}})), IssueType::Structure, "Patient.maritalStatus");
+    one(&patient(json!({"name": []})), IssueType::Structure, "Patient.name");
+    one(&patient(json!({"birthDate": null})), IssueType::Structure, "Patient.birthDate");
+    one(&patient(json!({"name": [null]})), IssueType::Structure, "Patient.name[0]");
+    one(&patient(json!({"name": [{"family": ""}]})), IssueType::Value, "Patient.name[0].family");
 }
 
 #[test]
 fn resource_type_and_id() {
     let d = one(&json!({"id": "x"}), IssueType::Required, "");
     assert_eq!(d, "The resource has no resourceType");
-    let d = one(
-        &json!({"resourceType": "Patiant"}),
-        IssueType::Invalid,
-        "resourceType",
-    );
-    assert_eq!(
-        d,
-        "Unknown resourceType 'Patiant': not an R4 (4.0.1) resource type"
-    );
-    one(
-        &json!({"resourceType": "DomainResource"}),
-        IssueType::Invalid,
-        "resourceType",
-    );
-    one(
-        &json!({"resourceType": "SubscriptionStatus"}),
-        IssueType::Invalid,
-        "resourceType",
-    );
-    one(
-        &json!({"resourceType": 7}),
-        IssueType::Invalid,
-        "resourceType",
-    );
+    let d = one(&json!({"resourceType": "Patiant"}), IssueType::Invalid, "resourceType");
+    assert_eq!(d, "Unknown resourceType 'Patiant': not an R4 (4.0.1) resource type");
+    one(&json!({"resourceType": "DomainResource"}), IssueType::Invalid, "resourceType");
+    one(&json!({"resourceType": "SubscriptionStatus"}), IssueType::Invalid, "resourceType");
+    one(&json!({"resourceType": 7}), IssueType::Invalid, "resourceType");
     one(&json!(["Patient"]), IssueType::Structure, "");
-    let d = one(
-        &patient(json!({"id": "a_b"})),
-        IssueType::Value,
-        "Patient.id",
-    );
+    let d = one(&patient(json!({"id": "a_b"})), IssueType::Value, "Patient.id");
     assert!(d.contains("'a_b' is not a valid FHIR id"), "{d}");
-    one(
-        &patient(json!({"id": "x".repeat(65)})),
-        IssueType::Value,
-        "Patient.id",
-    );
-    one(
-        &patient(json!({"id": 12})),
-        IssueType::Structure,
-        "Patient.id",
-    );
+    one(&patient(json!({"id": "x".repeat(65)})), IssueType::Value, "Patient.id");
+    one(&patient(json!({"id": 12})), IssueType::Structure, "Patient.id");
 }
 
 #[test]
 fn required_elements() {
     let found = issues(&json!({"resourceType": "Coverage", "id": "c"}));
-    let exprs: Vec<_> = found
-        .iter()
-        .map(|i| (i.code, i.expression[0].as_str()))
-        .collect();
+    let exprs: Vec<_> = found.iter().map(|i| (i.code, i.expression[0].as_str())).collect();
     assert_eq!(
         exprs,
         vec![
@@ -503,39 +299,21 @@ fn required_elements() {
             (IssueType::Required, "Coverage.payor")
         ]
     );
-    assert_eq!(
-        found[2].diagnostics.as_deref(),
-        Some("Coverage.payor: missing required element (cardinality 1..*)")
-    );
+    assert_eq!(found[2].diagnostics.as_deref(), Some("Coverage.payor: missing required element (cardinality 1..*)"));
     // in a backbone element
     let mut eob = parse(EOB);
     eob["item"][0].as_object_mut().unwrap().remove("sequence");
-    one(
-        &eob,
-        IssueType::Required,
-        "ExplanationOfBenefit.item[0].sequence",
-    );
+    one(&eob, IssueType::Required, "ExplanationOfBenefit.item[0].sequence");
     // in a datatype
-    one(
-        &patient(json!({"extension": [{"valueString": "x"}]})),
-        IssueType::Required,
-        "Patient.extension[0].url",
-    );
-    one(
-        &patient(json!({"text": {"status": "generated"}})),
-        IssueType::Required,
-        "Patient.text.div",
-    );
+    one(&patient(json!({"extension": [{"valueString": "x"}]})), IssueType::Required, "Patient.extension[0].url");
+    one(&patient(json!({"text": {"status": "generated"}})), IssueType::Required, "Patient.text.div");
     // a required choice element
     let d = one(
         &json!({"resourceType": "Library", "status": "draft", "type": {"text": "x"}, "useContext": [{"code": {"code": "focus"}}]}),
         IssueType::Required,
         "Library.useContext[0].value",
     );
-    assert!(
-        d.contains("one of valueCodeableConcept, valueQuantity, valueRange, valueReference"),
-        "{d}"
-    );
+    assert!(d.contains("one of valueCodeableConcept, valueQuantity, valueRange, valueReference"), "{d}");
     // a primitive present only through its extension is present
     let ext = json!({"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}]});
     let cov = json!({"resourceType": "Coverage", "_status": ext, "beneficiary": {"reference": "Patient/1"}, "payor": [{"display": "P"}]});
@@ -544,39 +322,18 @@ fn required_elements() {
 
 #[test]
 fn choice_types() {
-    assert_valid(
-        "deceasedBoolean",
-        &patient(json!({"deceasedBoolean": true})),
-    );
-    assert_valid(
-        "deceasedDateTime",
-        &patient(json!({"deceasedDateTime": "2020-04"})),
-    );
-    one(
-        &patient(json!({"deceasedString": "yes"})),
-        IssueType::Structure,
-        "Patient.deceasedString",
-    );
-    one(
-        &patient(json!({"deceased": true})),
-        IssueType::Structure,
-        "Patient.deceased",
-    );
+    assert_valid("deceasedBoolean", &patient(json!({"deceasedBoolean": true})));
+    assert_valid("deceasedDateTime", &patient(json!({"deceasedDateTime": "2020-04"})));
+    one(&patient(json!({"deceasedString": "yes"})), IssueType::Structure, "Patient.deceasedString");
+    one(&patient(json!({"deceased": true})), IssueType::Structure, "Patient.deceased");
     let d = one(
         &patient(json!({"deceasedBoolean": true, "deceasedDateTime": "2020"})),
         IssueType::Structure,
         "Patient.deceased",
     );
-    assert!(
-        d.contains("'deceasedBoolean' and 'deceasedDateTime'"),
-        "{d}"
-    );
+    assert!(d.contains("'deceasedBoolean' and 'deceasedDateTime'"), "{d}");
     // the type of the chosen variant is enforced
-    one(
-        &patient(json!({"deceasedDateTime": true})),
-        IssueType::Structure,
-        "Patient.deceasedDateTime",
-    );
+    one(&patient(json!({"deceasedDateTime": true})), IssueType::Structure, "Patient.deceasedDateTime");
     let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "BP"},
         "valueQuantity": {"value": 120, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"},
         "effectivePeriod": {"start": "2024-01-01T10:00:00Z"},
@@ -584,10 +341,7 @@ fn choice_types() {
     assert_valid("observation", &obs);
     // extensions: one value[x] at most, of an allowed type
     let ext = |e: Value| patient(json!({"extension": [e]}));
-    assert_valid(
-        "valueMeta (4.0.1)",
-        &ext(json!({"url": "http://x.org/e", "valueMeta": {"versionId": "1"}})),
-    );
+    assert_valid("valueMeta (4.0.1)", &ext(json!({"url": "http://x.org/e", "valueMeta": {"versionId": "1"}})));
     one(
         &ext(json!({"url": "http://x.org/e", "valueString": "a", "valueCode": "b"})),
         IssueType::Structure,
@@ -613,93 +367,43 @@ fn choice_types() {
 #[test]
 fn primitive_extensions() {
     let dar = json!({"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "masked"}]});
-    assert_valid(
-        "_birthDate with value",
-        &patient(json!({"birthDate": "1970", "_birthDate": dar})),
-    );
+    assert_valid("_birthDate with value", &patient(json!({"birthDate": "1970", "_birthDate": dar})));
     assert_valid("_birthDate alone", &patient(json!({"_birthDate": dar})));
-    let d = one(
-        &patient(json!({"_birthDate": "1970"})),
-        IssueType::Structure,
-        "Patient.birthDate",
-    );
+    let d = one(&patient(json!({"_birthDate": "1970"})), IssueType::Structure, "Patient.birthDate");
     assert!(d.contains("'_birthDate' must be a JSON object"), "{d}");
-    one(
-        &patient(json!({"_birthDate": {}})),
-        IssueType::Structure,
-        "Patient.birthDate",
-    );
-    one(
-        &patient(json!({"_birthDate": [dar]})),
-        IssueType::Structure,
-        "Patient.birthDate",
-    );
+    one(&patient(json!({"_birthDate": {}})), IssueType::Structure, "Patient.birthDate");
+    one(&patient(json!({"_birthDate": [dar]})), IssueType::Structure, "Patient.birthDate");
     one(
         &patient(json!({"_birthDate": {"extension": [{"valueCode": "x"}]}})),
         IssueType::Required,
         "Patient.birthDate.extension[0].url",
     );
-    one(
-        &patient(json!({"_birthDate": {"foo": 1}})),
-        IssueType::Structure,
-        "Patient.birthDate.foo",
-    );
+    one(&patient(json!({"_birthDate": {"foo": 1}})), IssueType::Structure, "Patient.birthDate.foo");
     // not on complex elements
-    let d = one(
-        &patient(json!({"_maritalStatus": dar})),
-        IssueType::Structure,
-        "Patient.maritalStatus",
-    );
+    let d = one(&patient(json!({"_maritalStatus": dar})), IssueType::Structure, "Patient.maritalStatus");
     assert!(d.contains("not a primitive element"), "{d}");
-    one(
-        &patient(json!({"_foo": dar})),
-        IssueType::Structure,
-        "Patient._foo",
-    );
+    one(&patient(json!({"_foo": dar})), IssueType::Structure, "Patient._foo");
     // repeating primitives: arrays lined up, null where one side has nothing
     let name = |n: Value| patient(json!({"name": [n]}));
-    assert_valid(
-        "given + _given",
-        &name(json!({"given": ["Pat", null], "_given": [null, dar]})),
-    );
+    assert_valid("given + _given", &name(json!({"given": ["Pat", null], "_given": [null, dar]})));
     assert_valid("_given alone", &name(json!({"_given": [dar]})));
-    one(
-        &name(json!({"given": ["Pat", null]})),
-        IssueType::Structure,
-        "Patient.name[0].given[1]",
-    );
+    one(&name(json!({"given": ["Pat", null]})), IssueType::Structure, "Patient.name[0].given[1]");
     one(
         &name(json!({"given": ["Pat", null], "_given": [dar, null]})),
         IssueType::Structure,
         "Patient.name[0].given[1]",
     );
-    one(
-        &name(json!({"given": ["Pat", "Q"], "_given": [null]})),
-        IssueType::Structure,
-        "Patient.name[0].given",
-    );
-    one(
-        &name(json!({"given": ["Pat"], "_given": dar})),
-        IssueType::Structure,
-        "Patient.name[0].given",
-    );
-    one(
-        &name(json!({"given": ["Pat"], "_given": ["x"]})),
-        IssueType::Structure,
-        "Patient.name[0].given[0]",
-    );
+    one(&name(json!({"given": ["Pat", "Q"], "_given": [null]})), IssueType::Structure, "Patient.name[0].given");
+    one(&name(json!({"given": ["Pat"], "_given": dar})), IssueType::Structure, "Patient.name[0].given");
+    one(&name(json!({"given": ["Pat"], "_given": ["x"]})), IssueType::Structure, "Patient.name[0].given[0]");
 }
 
 #[test]
 fn contained_resources() {
     let mut cov = parse(COVERAGE);
-    cov["contained"] =
-        json!([{"resourceType": "Organization", "id": "payer", "name": "Old Plan", "foo": true}]);
+    cov["contained"] = json!([{"resourceType": "Organization", "id": "payer", "name": "Old Plan", "foo": true}]);
     let d = one(&cov, IssueType::Structure, "Coverage.contained[0].foo");
-    assert_eq!(
-        d,
-        "Unknown element 'foo' in Coverage.contained[0] (Organization)"
-    );
+    assert_eq!(d, "Unknown element 'foo' in Coverage.contained[0] (Organization)");
     cov["contained"] = json!([{"id": "payer", "name": "Old Plan"}]);
     let d = one(&cov, IssueType::Required, "Coverage.contained[0]");
     assert_eq!(d, "Coverage.contained[0] has no resourceType");
@@ -719,10 +423,7 @@ fn nested_resources_in_bundle_and_parameters() {
         {"resource": {"resourceType": "Claimm"}}
     ]});
     let found = issues(&bundle);
-    let exprs: Vec<_> = found
-        .iter()
-        .map(|i| (i.code, i.expression[0].as_str()))
-        .collect();
+    let exprs: Vec<_> = found.iter().map(|i| (i.code, i.expression[0].as_str())).collect();
     assert_eq!(
         exprs,
         vec![
@@ -741,44 +442,23 @@ fn nested_resources_in_bundle_and_parameters() {
 
     let mut params = parse(SEEDS[0].1);
     params["parameter"][1]["resource"]["period"]["start"] = json!("2011-5-23");
-    one(
-        &params,
-        IssueType::Value,
-        "Parameters.parameter[1].resource.period.start",
-    );
+    one(&params, IssueType::Value, "Parameters.parameter[1].resource.period.start");
     // parameter.part is a contentReference to Parameters.parameter
     let p = json!({"resourceType": "Parameters", "parameter": [{"name": "a", "part": [{"name": "b", "valueInteger": "1"}]}]});
-    one(
-        &p,
-        IssueType::Structure,
-        "Parameters.parameter[0].part[0].valueInteger",
-    );
+    one(&p, IssueType::Structure, "Parameters.parameter[0].part[0].valueInteger");
     let p = json!({"resourceType": "Parameters", "parameter": [{"name": "a", "part": [{"valueBoolean": true}]}]});
-    one(
-        &p,
-        IssueType::Required,
-        "Parameters.parameter[0].part[0].name",
-    );
+    one(&p, IssueType::Required, "Parameters.parameter[0].part[0].name");
 }
 
 #[test]
 fn deeply_nested_backbone_elements() {
     let mut eob = parse(EOB);
-    eob["item"][0]["detail"][0]["subDetail"][0]["adjudication"][0]["amount"]["value"] =
-        json!("0.00");
-    one(
-        &eob,
-        IssueType::Structure,
-        "ExplanationOfBenefit.item[0].detail[0].subDetail[0].adjudication[0].amount.value",
-    );
+    eob["item"][0]["detail"][0]["subDetail"][0]["adjudication"][0]["amount"]["value"] = json!("0.00");
+    one(&eob, IssueType::Structure, "ExplanationOfBenefit.item[0].detail[0].subDetail[0].adjudication[0].amount.value");
 
     let mut eob = parse(EOB);
     eob["item"][1]["servicedDate"] = json!("02/11/2024");
-    let d = one(
-        &eob,
-        IssueType::Value,
-        "ExplanationOfBenefit.item[1].servicedDate",
-    );
+    let d = one(&eob, IssueType::Value, "ExplanationOfBenefit.item[1].servicedDate");
     assert_eq!(d, "ExplanationOfBenefit.item[1].servicedDate: '02/11/2024' is not a valid FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)");
 
     // Questionnaire.item.item -> Questionnaire.item, three levels down
@@ -789,11 +469,7 @@ fn deeply_nested_backbone_elements() {
             ]}
         ]}
     ]});
-    one(
-        &q,
-        IssueType::Structure,
-        "Questionnaire.item[0].item[0].item[0].enableWhen[0].answerBoolean",
-    );
+    one(&q, IssueType::Structure, "Questionnaire.item[0].item[0].item[0].enableWhen[0].answerBoolean");
 }
 
 #[test]
@@ -817,10 +493,7 @@ fn every_issue_names_an_element() {
     let found = issues(&eob);
     assert_eq!(found.len(), 4, "{found:#?}");
     for issue in &found {
-        assert!(
-            issue.expression[0].starts_with("ExplanationOfBenefit."),
-            "{issue:#?}"
-        );
+        assert!(issue.expression[0].starts_with("ExplanationOfBenefit."), "{issue:#?}");
         let d = issue.diagnostics.as_deref().unwrap();
         assert!(d.contains(issue.expression[0].as_str()), "{issue:#?}");
     }
