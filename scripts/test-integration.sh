@@ -23,4 +23,5 @@ export PAYERX_TEST_KAFKA_BROKERS PAYERX_TEST_DATABASE_URL
 echo "integration tier: Kafka protocol at $PAYERX_TEST_KAFKA_BROKERS (tansu), $PAYERX_TEST_DATABASE_URL" >&2
 
 # Only the tests marked for the integration tier (they are #[ignore]d in the embedded tier).
+python3 -c "import fastavro" 2>/dev/null || pip install --quiet fastavro
 cargo test --workspace "$@" -- --ignored --test-threads 4

@@ -7,6 +7,7 @@ pub mod config;
 pub mod events;
 pub mod load;
 pub mod replay;
+pub mod synth;
 
 pub use app::App;
 pub use config::{BackendArgs, Role, ServeArgs};

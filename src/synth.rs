@@ -20,9 +20,7 @@ struct Rng(u64);
 impl Rng {
     /// Mixes seed and member with splitmix64 so neighbouring members get unrelated streams.
     fn new(seed: u64, member: u64) -> Self {
-        let mut z = seed
-            .wrapping_add(member.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = seed.wrapping_add(member.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
@@ -44,14 +42,12 @@ impl Rng {
         lo + self.next() % (hi - lo + 1)
     }
 
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() % items.len() as u64) as usize]
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[(self.next() % items.len() as u64) as usize]
     }
 
     fn digits(&mut self, n: usize) -> String {
-        (0..n)
-            .map(|_| char::from(b'0' + (self.next() % 10) as u8))
-            .collect()
+        (0..n).map(|_| char::from(b'0' + (self.next() % 10) as u8)).collect()
     }
 
     /// Money in USD with cents, as a FHIR decimal.
@@ -64,19 +60,43 @@ fn cents(c: u64) -> f64 {
     c as f64 / 100.0
 }
 
-/// `YYYY-MM-DD` of `days` after 2015-01-01.
+/// `YYYY-MM-DD` of `days` after 2015-01-01 (claims).
 fn date(days: u64) -> String {
-    let d = time::macros::date!(2015 - 01 - 01) + time::Duration::days(days as i64);
+    ymd(time::macros::date!(2015 - 01 - 01) + time::Duration::days(days as i64))
+}
+
+/// `YYYY-MM-DD` of `days` after 1940-01-01 (birth dates).
+fn birth_date(days: u64) -> String {
+    ymd(time::macros::date!(1940 - 01 - 01) + time::Duration::days(days as i64))
+}
+
+fn ymd(d: time::Date) -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
 const GIVEN: &[&str] = &[
-    "Olivia", "Liam", "Emma", "Noah", "Ava", "Elijah", "Sophia", "Mateo", "Isabella", "Lucas",
-    "Mia", "Amelia", "James", "Harper", "Benjamin", "Evelyn", "Henry", "Aiden", "Priya", "Wei",
+    "Olivia", "Liam", "Emma", "Noah", "Ava", "Elijah", "Sophia", "Mateo", "Isabella", "Lucas", "Mia", "Amelia",
+    "James", "Harper", "Benjamin", "Evelyn", "Henry", "Aiden", "Priya", "Wei",
 ];
 const FAMILY: &[&str] = &[
-    "Smith", "Johnson", "Williams", "Brown", "Garcia", "Miller", "Davis", "Rodriguez", "Martinez",
-    "Hernandez", "Lopez", "Nguyen", "Patel", "Kim", "Okafor", "Schmidt", "Rossi", "Cohen",
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Nguyen",
+    "Patel",
+    "Kim",
+    "Okafor",
+    "Schmidt",
+    "Rossi",
+    "Cohen",
 ];
 const CITIES: &[(&str, &str, &str)] = &[
     ("Pittsburgh", "PA", "152"),
@@ -88,15 +108,9 @@ const CITIES: &[(&str, &str, &str)] = &[
     ("Portland", "OR", "972"),
     ("Richmond", "VA", "232"),
 ];
-const STREETS: &[&str] = &[
-    "Main Street", "Oak Avenue", "Maple Drive", "Cedar Lane", "Elm Street", "Park Road",
-];
-const ICD10: &[&str] = &[
-    "I50.9", "E11.9", "J18.9", "N17.9", "I10", "E78.5", "K21.9", "M54.5", "J44.1", "F41.1",
-];
-const CPT: &[&str] = &[
-    "99213", "99214", "99203", "97110", "97140", "90837", "80053", "85025", "71046", "93000",
-];
+const STREETS: &[&str] = &["Main Street", "Oak Avenue", "Maple Drive", "Cedar Lane", "Elm Street", "Park Road"];
+const ICD10: &[&str] = &["I50.9", "E11.9", "J18.9", "N17.9", "I10", "E78.5", "K21.9", "M54.5", "J44.1", "F41.1"];
+const CPT: &[&str] = &["99213", "99214", "99203", "97110", "97140", "90837", "80053", "85025", "71046", "93000"];
 const HCPCS: &[&str] = &["A0428", "E0114", "E0601", "J1100", "G0439", "A4253"];
 const REVENUE: &[&str] = &["0120", "0250", "0300", "0320", "0450", "0636", "0730"];
 const DRG: &[&str] = &["291", "292", "190", "871", "470", "392"];
@@ -115,21 +129,17 @@ fn coding_display(system: &str, code: &str, display: &str) -> Value {
 }
 
 fn ids(prefix: &str, member: u64) -> (String, String, String) {
-    (
-        format!("{prefix}pat-{member}"),
-        format!("{prefix}cov-{member}"),
-        format!("{prefix}eob-{member}"),
-    )
+    (format!("{prefix}pat-{member}"), format!("{prefix}cov-{member}"), format!("{prefix}eob-{member}"))
 }
 
 fn patient(prefix: &str, member: u64, rng: &mut Rng) -> Value {
     let (pat, _, _) = ids(prefix, member);
-    let given = *rng.pick(GIVEN);
-    let middle = *rng.pick(GIVEN);
-    let family = *rng.pick(FAMILY);
+    let given = rng.pick(GIVEN);
+    let middle = rng.pick(GIVEN);
+    let family = rng.pick(FAMILY);
     let female = rng.next() % 2 == 0;
-    let birth = date(rng.range(0, 3000)).replacen("201", "19", 1);
-    let (city, state, zip) = *rng.pick(CITIES);
+    let birth = birth_date(rng.range(0, 25_000));
+    let (city, state, zip) = rng.pick(CITIES);
     let member_no = rng.digits(11);
     let phone = format!("({}) 555-{}", rng.digits(3), rng.digits(4));
     json!({
@@ -200,11 +210,8 @@ fn coverage(prefix: &str, member: u64, rng: &mut Rng) -> Value {
     let year = 2020 + rng.range(0, 4);
     let subscriber_id = rng.digits(11);
     let group = rng.digits(6);
-    let (plan, plan_name) = *rng.pick(&[
-        ("GOLD-PPO", "Gold PPO"),
-        ("SILVER-HMO", "Silver HMO"),
-        ("BRONZE-EPO", "Bronze EPO"),
-    ]);
+    let (plan, plan_name) =
+        rng.pick(&[("GOLD-PPO", "Gold PPO"), ("SILVER-HMO", "Silver HMO"), ("BRONZE-EPO", "Bronze EPO")]);
     let copay = |kind: &str, rng: &mut Rng| {
         json!({
             "type": coding("http://terminology.hl7.org/CodeSystem/coverage-copay-type", kind),
@@ -252,25 +259,17 @@ fn coverage(prefix: &str, member: u64, rng: &mut Rng) -> Value {
     })
 }
 
-/// Line-level adjudication: submitted, eligible, deductible/copay, benefit, paid to provider.
+/// Line-level adjudication: submitted, eligible, deductible or copay, benefit.
 fn item_adjudication(rng: &mut Rng, submitted_cents: u64) -> (Vec<Value>, [u64; 3]) {
     let eligible = submitted_cents * rng.range(60, 95) / 100;
     let member_share = eligible * rng.range(0, 25) / 100;
     let benefit = eligible - member_share;
-    let share_code = if rng.next() % 2 == 0 {
-        "deductible"
-    } else {
-        "copay"
-    };
+    let share_code = if rng.next() % 2 == 0 { "deductible" } else { "copay" };
     let adj = vec![
         json!({"category": coding(ADJUDICATION, "submitted"), "amount": {"value": cents(submitted_cents), "currency": "USD"}}),
         json!({"category": coding(ADJUDICATION, "eligible"), "amount": {"value": cents(eligible), "currency": "USD"}}),
         json!({"category": coding(ADJUDICATION, share_code), "amount": {"value": cents(member_share), "currency": "USD"}}),
         json!({"category": coding(ADJUDICATION, "benefit"), "amount": {"value": cents(benefit), "currency": "USD"}}),
-        json!({
-            "category": coding(&format!("{C4BB}/CodeSystem/C4BBAdjudication"), "paidtoprovider"),
-            "amount": {"value": cents(benefit), "currency": "USD"}
-        }),
     ];
     (adj, [submitted_cents, eligible, benefit])
 }
@@ -286,11 +285,13 @@ fn eob(prefix: &str, member: u64, rng: &mut Rng) -> Value {
     let days = if institutional { rng.range(1, 9) } else { 0 };
     let (start, end) = (date(start_day), date(start_day + days));
     let created = format!("{}T00:00:00-05:00", date(start_day + days + rng.range(3, 20)));
-    let items = rng.range(1, 4) as usize;
+    // Item counts vary the size: about 4-6.5 KB (institutional headers are larger).
+    let items = rng.range(1, if institutional { 2 } else { 3 }) as usize;
     let mut totals = [0u64; 3];
     let mut item = Vec::with_capacity(items);
     for seq in 1..=items {
-        let (adjudication, t) = item_adjudication(rng, rng.range(5_000, 900_000));
+        let submitted = rng.range(5_000, 900_000);
+        let (adjudication, t) = item_adjudication(rng, submitted);
         for (sum, v) in totals.iter_mut().zip(t) {
             *sum += v;
         }
@@ -323,17 +324,9 @@ fn eob(prefix: &str, member: u64, rng: &mut Rng) -> Value {
         item.push(line);
     }
     let (profile, claim_type, id_prefix) = if institutional {
-        (
-            "C4BB-ExplanationOfBenefit-Inpatient-Institutional",
-            "institutional",
-            "IP",
-        )
+        ("C4BB-ExplanationOfBenefit-Inpatient-Institutional", "institutional", "IP")
     } else {
-        (
-            "C4BB-ExplanationOfBenefit-Professional-NonClinician",
-            "professional",
-            "PR",
-        )
+        ("C4BB-ExplanationOfBenefit-Professional-NonClinician", "professional", "PR")
     };
     let npi = rng.digits(10);
     let care_team = if institutional {
@@ -428,10 +421,7 @@ fn eob(prefix: &str, member: u64, rng: &mut Rng) -> Value {
         }
     });
     if institutional {
-        v["subType"] = coding(
-            &format!("{C4BB}/CodeSystem/C4BBInstitutionalClaimSubType"),
-            "inpatient",
-        );
+        v["subType"] = coding(&format!("{C4BB}/CodeSystem/C4BBInstitutionalClaimSubType"), "inpatient");
     }
     v
 }
@@ -486,20 +476,13 @@ mod tests {
         for (i, r) in all.iter().enumerate() {
             let rtype = r["resourceType"].as_str().unwrap();
             let id = r["id"].as_str().unwrap();
-            assert_eq!(
-                rtype,
-                ["Patient", "Coverage", "ExplanationOfBenefit"][i % 3],
-                "{i}"
-            );
+            assert_eq!(rtype, ["Patient", "Coverage", "ExplanationOfBenefit"][i % 3], "{i}");
             if let Err(oo) = processors::validate_processor::check_resource(r, rtype, id, None) {
                 panic!("{rtype}/{id} is invalid: {oo:?}\n{r:#}");
             }
             let size = r.to_string().len();
             total += size;
-            assert!(
-                (1_500..=7_000).contains(&size),
-                "{rtype}/{id} is {size} bytes"
-            );
+            assert!((1_500..=7_000).contains(&size), "{rtype}/{id} is {size} bytes");
             if rtype == "ExplanationOfBenefit" {
                 eob_sizes.push(size);
             }
@@ -507,10 +490,7 @@ mod tests {
         let avg = total / all.len();
         assert!((2_000..=6_000).contains(&avg), "average {avg} bytes");
         // Item counts vary, so EOB sizes do too.
-        let (min, max) = (
-            eob_sizes.iter().min().unwrap(),
-            eob_sizes.iter().max().unwrap(),
-        );
+        let (min, max) = (eob_sizes.iter().min().unwrap(), eob_sizes.iter().max().unwrap());
         assert!(max - min > 1_500, "EOB sizes {min}..{max}");
     }
 
@@ -523,12 +503,8 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(a[1]["beneficiary"]["reference"], "Patient/x-pat-0");
         assert_eq!(a[5]["patient"]["reference"], "Patient/x-pat-1");
-        assert_eq!(
-            a[5]["insurance"][0]["coverage"]["reference"],
-            "Coverage/x-cov-1"
-        );
-        let ids: std::collections::HashSet<_> =
-            a.iter().map(|r| r["id"].as_str().unwrap()).collect();
+        assert_eq!(a[5]["insurance"][0]["coverage"]["reference"], "Coverage/x-cov-1");
+        let ids: std::collections::HashSet<_> = a.iter().map(|r| r["id"].as_str().unwrap()).collect();
         assert_eq!(ids.len(), a.len(), "ids are unique");
     }
 
@@ -541,10 +517,32 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(bytes, text.len() as u64);
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines, resources(10, 1, "n-").collect::<Vec<_>>());
+    }
+}
+#[cfg(test)]
+mod scratch {
+    #[test]
+    fn sizes() {
+        let mut by = std::collections::BTreeMap::<String, Vec<usize>>::new();
+        for r in super::resources(300, 42, "t-") {
+            let key = format!(
+                "{} {} {}",
+                r["resourceType"].as_str().unwrap_or(""),
+                r["type"]["coding"][0]["code"],
+                r["item"].as_array().map_or(0, |a| a.len())
+            );
+            by.entry(key).or_default().push(r.to_string().len());
+        }
+        for (k, v) in by {
+            eprintln!(
+                "{k}: n={} min={} max={} avg={}",
+                v.len(),
+                v.iter().min().unwrap_or(&0),
+                v.iter().max().unwrap_or(&0),
+                v.iter().sum::<usize>() / v.len()
+            );
+        }
     }
 }

@@ -206,3 +206,26 @@ mod tests {
         assert!(matches!(decode_event::<ResourceChanged>(&bytes), Err(SchemaError::UnknownSchemaId(999))));
     }
 }
+
+#[cfg(test)]
+mod published_registry {
+    use super::SCHEMAS;
+
+    /// `avro/registry.json` (what outside consumers read) lists exactly the schemas payerx writes.
+    #[test]
+    fn registry_json_matches_the_table() {
+        let json: serde_json::Value =
+            serde_json::from_str(include_str!("../avro/registry.json")).expect("registry.json parses");
+        let entries = json.as_array().expect("an array");
+        assert_eq!(entries.len(), SCHEMAS.len());
+        for s in &SCHEMAS {
+            let e = entries
+                .iter()
+                .find(|e| e["id"] == s.id)
+                .unwrap_or_else(|| panic!("schema id {} missing from registry.json", s.id));
+            assert_eq!(e["name"], s.name);
+            assert_eq!(e["version"], s.version);
+            assert_eq!(e["file"], s.file);
+        }
+    }
+}
