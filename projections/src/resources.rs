@@ -1,6 +1,7 @@
 //! The resource read view: the current version of every FHIR resource plus its full history,
 //! kept from `fhir.changes` (and `fhir.submissions.dlq`, whose refusals become write outcomes).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -46,43 +47,25 @@ impl ResourceProjection {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
 struct Current {
     version_id: i64,
     deleted: bool,
 }
 
-async fn current(
-    tx: &mut Transaction<'static, Any>,
-    table: &str,
-    rtype: &str,
-    id: &str,
-) -> Result<Option<Current>, ProjectionError> {
-    let row = sqlx::query(&format!("SELECT version_id, deleted FROM {table} WHERE resource_type = $1 AND id = $2"))
-        .bind(rtype)
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    Ok(match row {
-        Some(r) => Some(Current { version_id: r.try_get(0)?, deleted: r.try_get::<i64, _>(1)? != 0 }),
-        None => None,
-    })
+/// A history row to insert; the last one per resource also becomes its current row.
+struct VersionRow {
+    resource_type: String,
+    id: String,
+    version_id: i64,
+    last_updated: String,
+    last_updated_us: i64,
+    content: Option<String>,
+    event_id: String,
+    method: &'static str,
 }
 
-async fn record_outcome(
-    tx: &mut Transaction<'static, Any>,
-    event_id: &str,
-    outcome: &WriteOutcome,
-) -> Result<(), ProjectionError> {
-    let body = serde_json::to_string(outcome).map_err(|e| ProjectionError::Other(e.to_string()))?;
-    sqlx::query("INSERT INTO write_outcomes (event_id, status, body, recorded_us) VALUES ($1, $2, $3, $4) ON CONFLICT (event_id) DO NOTHING")
-        .bind(event_id)
-        .bind(i64::from(outcome.status))
-        .bind(body)
-        .bind(schemas::events::now_micros())
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
+type Key = (String, String);
 
 /// Sets `meta.versionId` and `meta.lastUpdated`, keeping the rest of `meta`.
 fn stamp(resource: &str, version_id: i64, last_updated: &str) -> Result<String, String> {
@@ -99,162 +82,287 @@ fn stamp(resource: &str, version_id: i64, last_updated: &str) -> Result<String, 
     serde_json::to_string(&v).map_err(|e| e.to_string())
 }
 
+/// Decides what one write event does, against the current versions (updated in place), and
+/// appends the versions it creates to `rows`. Pure: the database work happens around it, per batch.
+fn decide(ev: &ResourceChanged, currents: &mut HashMap<Key, Current>, rows: &mut Vec<VersionRow>) -> WriteOutcome {
+    let last_updated = instant(ev.envelope.occurred_at);
+    let key = |c: &schemas::ResourceChange| (c.resource_type.clone(), c.resource_id.clone());
+    // Every If-Match is checked first, so a transaction fails before anything is written.
+    let conflicts: Vec<(usize, i64, Option<i64>)> = ev
+        .changes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let actual = currents.get(&key(c)).map(|cur| cur.version_id);
+            c.if_match.filter(|expected| actual != Some(*expected)).map(|expected| (i, expected, actual))
+        })
+        .collect();
+    if !conflicts.is_empty() {
+        let entries: Vec<EntryOutcome> = ev
+            .changes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let conflict = conflicts.iter().find(|(j, _, _)| *j == i);
+                EntryOutcome {
+                    status: if conflict.is_some() { 412 } else { 409 },
+                    resource_type: c.resource_type.clone(),
+                    id: c.resource_id.clone(),
+                    version_id: None,
+                    last_updated: None,
+                    outcome: conflict.map(|(_, expected, actual)| {
+                        let now = actual.map_or("none (it does not exist)".to_string(), |v| v.to_string());
+                        OperationOutcome::error(
+                            IssueType::Conflict,
+                            format!(
+                                "{}/{} is at version {now}, not the version {expected} given in If-Match",
+                                c.resource_type, c.resource_id
+                            ),
+                        )
+                        .to_json()
+                    }),
+                }
+            })
+            .collect();
+        let outcome = entries.iter().find_map(|e| e.outcome.clone());
+        let status = if ev.mode == WriteMode::Transaction && ev.changes.len() > 1 { 412 } else { entries[0].status };
+        return WriteOutcome { status, entries, outcome };
+    }
+    // Stamp every upsert before touching state, so a broken body refuses the whole event.
+    let mut stamped = Vec::with_capacity(ev.changes.len());
+    for c in &ev.changes {
+        if c.action == ChangeAction::Delete {
+            stamped.push(None);
+            continue;
+        }
+        let version_id = currents.get(&key(c)).map_or(1, |cur| cur.version_id + 1);
+        match stamp(c.resource.as_deref().unwrap_or(""), version_id, &last_updated) {
+            Ok(s) => stamped.push(Some(s)),
+            Err(e) => {
+                // Validated upstream; a broken body here means a producer skipped validation.
+                let oo =
+                    OperationOutcome::error(IssueType::Structure, format!("resource body is not a JSON object: {e}"));
+                return WriteOutcome { status: 400, entries: vec![], outcome: Some(oo.to_json()) };
+            }
+        }
+    }
+    let mut entries = Vec::with_capacity(ev.changes.len());
+    for (c, content) in ev.changes.iter().zip(stamped) {
+        let k = key(c);
+        let cur = currents.get(&k).copied();
+        let mut entry = EntryOutcome {
+            status: 204,
+            resource_type: c.resource_type.clone(),
+            id: c.resource_id.clone(),
+            version_id: None,
+            last_updated: None,
+            outcome: None,
+        };
+        match (c.action, cur) {
+            (ChangeAction::Upsert, _) => {
+                let version_id = cur.map_or(1, |c| c.version_id + 1);
+                entry.status = if cur.is_none_or(|c| c.deleted) { 201 } else { 200 };
+                entry.version_id = Some(version_id);
+                entry.last_updated = Some(last_updated.clone());
+                rows.push(VersionRow {
+                    resource_type: c.resource_type.clone(),
+                    id: c.resource_id.clone(),
+                    version_id,
+                    last_updated: last_updated.clone(),
+                    last_updated_us: ev.envelope.occurred_at,
+                    content,
+                    event_id: ev.envelope.event_id.clone(),
+                    method: if c.created { "POST" } else { "PUT" },
+                });
+                currents.insert(k, Current { version_id, deleted: false });
+            }
+            (ChangeAction::Delete, Some(cur)) if !cur.deleted => {
+                let version_id = cur.version_id + 1;
+                entry.version_id = Some(version_id);
+                entry.last_updated = Some(last_updated.clone());
+                rows.push(VersionRow {
+                    resource_type: c.resource_type.clone(),
+                    id: c.resource_id.clone(),
+                    version_id,
+                    last_updated: last_updated.clone(),
+                    last_updated_us: ev.envelope.occurred_at,
+                    content: None,
+                    event_id: ev.envelope.event_id.clone(),
+                    method: "DELETE",
+                });
+                currents.insert(k, Current { version_id, deleted: true });
+            }
+            // Deleting what is absent or already deleted succeeds and changes nothing.
+            (ChangeAction::Delete, _) => {}
+        }
+        entries.push(entry);
+    }
+    let status = entries.first().map_or(200, |e| e.status);
+    WriteOutcome { status, entries, outcome: None }
+}
+
+/// Rows per multi-row statement: few round trips, modest statements, a bounded set of shapes
+/// in the prepared-statement cache.
+const CHUNK: usize = 100;
+
+/// `($1, $2, …), (…)` for `rows` rows of `cols` columns.
+fn placeholders(rows: usize, cols: usize) -> String {
+    let mut s = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            s.push_str(", ");
+        }
+        s.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                s.push_str(", ");
+            }
+            s.push('$');
+            s.push_str(&(r * cols + c + 1).to_string());
+        }
+        s.push(')');
+    }
+    s
+}
+
+/// `$from, …` — a list of `n` placeholders starting at `$from`.
+fn list(from: usize, n: usize) -> String {
+    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
 impl ResourceProjection {
-    async fn apply_change_event(
+    /// Event ids among `ids` that this generation has applied already.
+    async fn already_applied(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        hist_t: &str,
+        ids: &[&str],
+    ) -> Result<HashSet<String>, ProjectionError> {
+        let mut seen = HashSet::new();
+        for chunk in ids.chunks(CHUNK * 5) {
+            let sql = format!("SELECT DISTINCT event_id FROM {hist_t} WHERE event_id IN ({})", list(1, chunk.len()));
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for row in q.fetch_all(&mut **tx).await? {
+                seen.insert(row.try_get::<String, _>(0)?);
+            }
+        }
+        Ok(seen)
+    }
+
+    /// The current version of every resource in `keys` that exists.
+    async fn load_currents(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        cur_t: &str,
+        keys: &HashSet<Key>,
+    ) -> Result<HashMap<Key, Current>, ProjectionError> {
+        let mut by_type: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (t, id) in keys {
+            by_type.entry(t.as_str()).or_default().push(id.as_str());
+        }
+        let mut out = HashMap::with_capacity(keys.len());
+        for (rtype, ids) in by_type {
+            for chunk in ids.chunks(CHUNK * 5) {
+                let sql = format!(
+                    "SELECT id, version_id, deleted FROM {cur_t} WHERE resource_type = $1 AND id IN ({})",
+                    list(2, chunk.len())
+                );
+                let mut q = sqlx::query(&sql).bind(rtype);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                for row in q.fetch_all(&mut **tx).await? {
+                    let id: String = row.try_get(0)?;
+                    out.insert(
+                        (rtype.to_string(), id),
+                        Current { version_id: row.try_get(1)?, deleted: row.try_get::<i64, _>(2)? != 0 },
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write_rows(
         &self,
         tx: &mut Transaction<'static, Any>,
         generation: i64,
-        ev: &ResourceChanged,
-    ) -> Result<WriteOutcome, ProjectionError> {
-        let cur_t = current_table(generation);
+        rows: &[VersionRow],
+    ) -> Result<(), ProjectionError> {
         let hist_t = history_table(generation);
-        let last_updated = instant(ev.envelope.occurred_at);
-        // Pre-check every If-Match first, so a transaction fails before writing anything.
-        let mut currents = Vec::with_capacity(ev.changes.len());
-        let mut conflicts = Vec::new();
-        for (i, c) in ev.changes.iter().enumerate() {
-            let cur = current(tx, &cur_t, &c.resource_type, &c.resource_id).await?;
-            if let Some(expected) = c.if_match {
-                let actual = cur.as_ref().map(|c| c.version_id);
-                if actual != Some(expected) {
-                    conflicts.push((i, expected, actual));
-                }
+        let cur_t = current_table(generation);
+        for chunk in rows.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO {hist_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content, event_id, method) VALUES {}",
+                placeholders(chunk.len(), 9)
+            );
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q
+                    .bind(r.resource_type.as_str())
+                    .bind(r.id.as_str())
+                    .bind(r.version_id)
+                    .bind(r.last_updated.as_str())
+                    .bind(r.last_updated_us)
+                    .bind(i64::from(r.content.is_none()))
+                    .bind(r.content.as_deref())
+                    .bind(r.event_id.as_str())
+                    .bind(r.method);
             }
-            currents.push(cur);
+            q.execute(&mut **tx).await?;
         }
-        if !conflicts.is_empty() {
-            let entries = ev
-                .changes
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let conflict = conflicts.iter().find(|(j, _, _)| *j == i);
-                    EntryOutcome {
-                        status: if conflict.is_some() { 412 } else { 409 },
-                        resource_type: c.resource_type.clone(),
-                        id: c.resource_id.clone(),
-                        version_id: None,
-                        last_updated: None,
-                        outcome: conflict.map(|(_, expected, actual)| {
-                            OperationOutcome::error(
-                                IssueType::Conflict,
-                                format!(
-                                    "{}/{} is at version {}, not the version {expected} given in If-Match",
-                                    c.resource_type,
-                                    c.resource_id,
-                                    actual.map_or("none (it does not exist)".to_string(), |v| v.to_string())
-                                ),
-                            )
-                            .to_json()
-                        }),
-                    }
-                })
-                .collect::<Vec<_>>();
-            let outcome = entries.iter().find_map(|e| e.outcome.clone());
-            let status =
-                if ev.mode == WriteMode::Transaction && ev.changes.len() > 1 { 412 } else { entries[0].status };
-            return Ok(WriteOutcome { status, entries, outcome });
+        // The newest version of each resource becomes its current row (one row per key: a
+        // multi-row upsert may not touch a row twice).
+        let mut last: HashMap<(&str, &str), &VersionRow> = HashMap::with_capacity(rows.len());
+        for r in rows {
+            last.insert((r.resource_type.as_str(), r.id.as_str()), r);
         }
-        let mut entries = Vec::with_capacity(ev.changes.len());
-        for (c, cur) in ev.changes.iter().zip(currents) {
-            match c.action {
-                ChangeAction::Upsert => {
-                    let version_id = cur.as_ref().map_or(1, |c| c.version_id + 1);
-                    let created = cur.as_ref().is_none_or(|c| c.deleted);
-                    let content = match stamp(c.resource.as_deref().unwrap_or(""), version_id, &last_updated) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // Validated upstream; a broken body here means a producer skipped validation.
-                            let oo = OperationOutcome::error(
-                                IssueType::Structure,
-                                format!("resource body is not a JSON object: {e}"),
-                            );
-                            return Ok(WriteOutcome { status: 400, entries: vec![], outcome: Some(oo.to_json()) });
-                        }
-                    };
-                    sqlx::query(&format!(
-                        "INSERT INTO {hist_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content, event_id, method) VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8)"
-                    ))
-                    .bind(c.resource_type.as_str())
-                    .bind(c.resource_id.as_str())
-                    .bind(version_id)
-                    .bind(last_updated.as_str())
-                    .bind(ev.envelope.occurred_at)
-                    .bind(content.as_str())
-                    .bind(ev.envelope.event_id.as_str())
-                    .bind(if c.created { "POST" } else { "PUT" })
-                    .execute(&mut **tx)
-                    .await?;
-                    sqlx::query(&format!(
-                        "INSERT INTO {cur_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content) VALUES ($1, $2, $3, $4, $5, 0, $6)
-                         ON CONFLICT (resource_type, id) DO UPDATE SET version_id = excluded.version_id, last_updated = excluded.last_updated,
-                         last_updated_us = excluded.last_updated_us, deleted = 0, content = excluded.content"
-                    ))
-                    .bind(c.resource_type.as_str())
-                    .bind(c.resource_id.as_str())
-                    .bind(version_id)
-                    .bind(last_updated.as_str())
-                    .bind(ev.envelope.occurred_at)
-                    .bind(content.as_str())
-                    .execute(&mut **tx)
-                    .await?;
-                    entries.push(EntryOutcome {
-                        status: if created { 201 } else { 200 },
-                        resource_type: c.resource_type.clone(),
-                        id: c.resource_id.clone(),
-                        version_id: Some(version_id),
-                        last_updated: Some(last_updated.clone()),
-                        outcome: None,
-                    });
-                }
-                ChangeAction::Delete => match cur {
-                    Some(cur) if !cur.deleted => {
-                        let version_id = cur.version_id + 1;
-                        sqlx::query(&format!(
-                            "INSERT INTO {hist_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content, event_id, method) VALUES ($1, $2, $3, $4, $5, 1, NULL, $6, 'DELETE')"
-                        ))
-                        .bind(c.resource_type.as_str())
-                        .bind(c.resource_id.as_str())
-                        .bind(version_id)
-                        .bind(last_updated.as_str())
-                        .bind(ev.envelope.occurred_at)
-                        .bind(ev.envelope.event_id.as_str())
-                        .execute(&mut **tx)
-                        .await?;
-                        sqlx::query(&format!(
-                            "UPDATE {cur_t} SET version_id = $1, last_updated = $2, last_updated_us = $3, deleted = 1, content = NULL WHERE resource_type = $4 AND id = $5"
-                        ))
-                        .bind(version_id)
-                        .bind(last_updated.as_str())
-                        .bind(ev.envelope.occurred_at)
-                        .bind(c.resource_type.as_str())
-                        .bind(c.resource_id.as_str())
-                        .execute(&mut **tx)
-                        .await?;
-                        entries.push(EntryOutcome {
-                            status: 204,
-                            resource_type: c.resource_type.clone(),
-                            id: c.resource_id.clone(),
-                            version_id: Some(version_id),
-                            last_updated: Some(last_updated.clone()),
-                            outcome: None,
-                        });
-                    }
-                    // Deleting what is absent or already deleted succeeds and changes nothing.
-                    _ => entries.push(EntryOutcome {
-                        status: 204,
-                        resource_type: c.resource_type.clone(),
-                        id: c.resource_id.clone(),
-                        version_id: None,
-                        last_updated: None,
-                        outcome: None,
-                    }),
-                },
+        let finals: Vec<&VersionRow> = last.into_values().collect();
+        for chunk in finals.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO {cur_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content) VALUES {}
+                 ON CONFLICT (resource_type, id) DO UPDATE SET version_id = excluded.version_id, last_updated = excluded.last_updated,
+                 last_updated_us = excluded.last_updated_us, deleted = excluded.deleted, content = excluded.content",
+                placeholders(chunk.len(), 7)
+            );
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q
+                    .bind(r.resource_type.as_str())
+                    .bind(r.id.as_str())
+                    .bind(r.version_id)
+                    .bind(r.last_updated.as_str())
+                    .bind(r.last_updated_us)
+                    .bind(i64::from(r.content.is_none()))
+                    .bind(r.content.as_deref());
             }
+            q.execute(&mut **tx).await?;
         }
-        let status = entries.first().map_or(200, |e| e.status);
-        Ok(WriteOutcome { status, entries, outcome: None })
+        Ok(())
     }
+}
+
+async fn record_outcomes(
+    tx: &mut Transaction<'static, Any>,
+    outcomes: &[(String, WriteOutcome)],
+) -> Result<(), ProjectionError> {
+    let now = schemas::events::now_micros();
+    for chunk in outcomes.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO write_outcomes (event_id, status, body, recorded_us) VALUES {} ON CONFLICT (event_id) DO NOTHING",
+            placeholders(chunk.len(), 4)
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, o) in chunk {
+            let body = serde_json::to_string(o).map_err(|e| ProjectionError::Other(e.to_string()))?;
+            q = q.bind(id.as_str()).bind(i64::from(o.status)).bind(body).bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -308,20 +416,39 @@ impl Projection for ResourceProjection {
         generation: i64,
         records: &[Consumed],
     ) -> Result<Vec<(String, WriteOutcome)>, ProjectionError> {
-        let hist_t = history_table(generation);
-        let mut outcomes = Vec::with_capacity(records.len());
+        let mut events = Vec::with_capacity(records.len());
         for r in records {
-            let ev: ResourceChanged = match schemas::decode_event(&r.value) {
-                Ok(ev) => ev,
+            match schemas::decode_event::<ResourceChanged>(&r.value) {
+                Ok(ev) => events.push((r, ev)),
                 Err(e) => {
                     // The validate processor only forwards decodable events; anything else was
                     // produced around it. Skip it visibly rather than block the view.
                     tracing::error!(source = r.coordinates(), error = %e, "undecodable event skipped by the resource projection");
                     metrics::counter!("payerx_projection_skipped_total", "projection" => NAME).increment(1);
+                }
+            }
+        }
+        let is_change = |r: &Consumed| r.topic == self.changes;
+        let ids: Vec<&str> =
+            events.iter().filter(|(r, _)| is_change(r)).map(|(_, ev)| ev.envelope.event_id.as_str()).collect();
+        // A redelivered event (same id) was applied already: applying it again would create a
+        // second version.
+        let mut applied = self.already_applied(tx, &history_table(generation), &ids).await?;
+        let keys: HashSet<Key> = events
+            .iter()
+            .filter(|(r, _)| is_change(r))
+            .flat_map(|(_, ev)| ev.changes.iter().map(|c| (c.resource_type.clone(), c.resource_id.clone())))
+            .collect();
+        let mut currents = self.load_currents(tx, &current_table(generation), &keys).await?;
+        let mut rows = Vec::new();
+        let mut outcomes = Vec::with_capacity(events.len());
+        for (r, ev) in &events {
+            let outcome = if is_change(r) {
+                if !applied.insert(ev.envelope.event_id.clone()) {
                     continue;
                 }
-            };
-            let outcome = if r.topic == self.dead_letters {
+                decide(ev, &mut currents, &mut rows)
+            } else {
                 let oo = r
                     .header(headers::ERROR_OUTCOME)
                     .and_then(|s| serde_json::from_str::<Value>(s).ok())
@@ -333,24 +460,12 @@ impl Projection for ResourceProjection {
                         .to_json()
                     });
                 WriteOutcome { status: 400, entries: vec![], outcome: Some(oo) }
-            } else {
-                // A redelivered event (same id) was applied already: applying it again would
-                // create a second version.
-                let seen = sqlx::query(&format!("SELECT 1 FROM {hist_t} WHERE event_id = $1 LIMIT 1"))
-                    .bind(ev.envelope.event_id.as_str())
-                    .fetch_optional(&mut **tx)
-                    .await?
-                    .is_some();
-                if seen {
-                    continue;
-                }
-                self.apply_change_event(tx, generation, &ev).await?
             };
             // Keyed by the submission the client waits on, not by this derived event.
-            let origin = ev.envelope.origin_id().to_string();
-            record_outcome(tx, &origin, &outcome).await?;
-            outcomes.push((origin, outcome));
+            outcomes.push((ev.envelope.origin_id().to_string(), outcome));
         }
+        self.write_rows(tx, generation, &rows).await?;
+        record_outcomes(tx, &outcomes).await?;
         Ok(outcomes)
     }
 }
