@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
+use ingest::audit::AuditLog;
+use ingest::ops::OpsState;
 use ingest::{AppState, IngestConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use processors::ValidateProcessor;
@@ -35,6 +37,8 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
 pub struct App {
     /// Where the HTTP API listens (when the ingest role runs).
     pub addr: Option<SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen (every role).
+    pub admin_addr: SocketAddr,
     pub log: Arc<dyn Log>,
     /// The views (absent in a processors-only process, which never touches the database).
     pub store: Option<Arc<ResourceStore>>,
@@ -74,9 +78,23 @@ impl App {
             let stop = shutdown.clone();
             tasks.push(("resource-projection", tokio::spawn(async move { Ok(worker.run(stop).await?) })));
         }
+        let ready = Arc::new(AtomicBool::new(false));
+        let ops = Arc::new(OpsState {
+            log: log.clone(),
+            store: store.clone(),
+            topic_prefix: prefix.clone(),
+            metrics: metrics_handle(),
+            ready: ready.clone(),
+        });
+        let admin = tokio::net::TcpListener::bind(args.admin_listen)
+            .await
+            .with_context(|| format!("binding the admin listener {}", args.admin_listen))?;
+        let admin_addr = admin.local_addr()?;
+        tasks.push(("admin-http", serve(admin, ingest::ops::admin_router(ops.clone()), shutdown.clone())));
+
         let mut addr = None;
         if let (true, Some(store)) = (args.roles.contains(&Role::Ingest), &store) {
-            let ready = Arc::new(AtomicBool::new(false));
+            let (audit, audit_task) = AuditLog::start(log.clone(), &prefix);
             let state = Arc::new(AppState {
                 log: log.clone(),
                 store: store.clone(),
@@ -87,25 +105,25 @@ impl App {
                     max_body_bytes: args.max_body_bytes,
                     base_url: args.base_url.clone(),
                 },
-                metrics: metrics_handle(),
-                ready: ready.clone(),
+                ops: ops.clone(),
+                audit,
+                verifier: None,
+                smart_configuration: None,
             });
             let listener =
                 tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
             addr = Some(listener.local_addr()?);
-            let stop = shutdown.clone();
-            let app = ingest::router(state);
+            tasks.push(("http", serve(listener, ingest::router(state), shutdown.clone())));
+            // The router holds the last AuditLog handle: once the listener stops, the appender
+            // drains what is queued and ends.
             tasks.push((
-                "http",
-                tokio::spawn(async move {
-                    axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
-                    Ok(())
-                }),
+                "audit",
+                tokio::spawn(async move { audit_task.await.map_err(|e| anyhow::anyhow!("audit appender: {e}")) }),
             ));
-            ready.store(true, Ordering::Release);
         }
+        ready.store(true, Ordering::Release);
         tracing::info!(?addr, log = log.backend(), views = ?db.map(|d| d.backend), roles = ?args.roles, "payerx started");
-        Ok(App { addr, log, store, shutdown, tasks })
+        Ok(App { addr, admin_addr, log, store, shutdown, tasks })
     }
 
     /// The views' query side. Panics in a processors-only process (a programming error).
@@ -161,6 +179,17 @@ impl App {
         tracing::info!("shutting down: draining in-flight work");
         self.stop().await
     }
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: CancellationToken,
+) -> JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+        Ok(())
+    })
 }
 
 async fn shutdown_signal() {

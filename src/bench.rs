@@ -1,9 +1,37 @@
 //! `payerx bench`: throughput and latency figures, always beside a floor measured in the same
 //! run on the same machine.
+//!
+//! `bench ingest` runs three phases, each on fresh state (a new temp folder on the embedded
+//! tier; new topic prefixes and resource ids on Kafka, with the same database):
+//!
+//! 1. **floor**: the same payloads, already encoded as the `ResourceChanged` events `payerx load`
+//!    makes, appended to the log alone (chunks of 1000, two in flight, like load);
+//! 2. **load**: `payerx load` of an NDJSON file into a running payerx (processors and
+//!    projections), timed to acknowledgement (every append durable) and to visibility (every
+//!    resource readable from the view);
+//! 3. **http**: `PUT /fhir/{type}/{id}` from concurrent clients; payerx answers a write once it
+//!    is visible in the view, so one request's latency is its latency to visibility.
 
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use projections::resources::{ResourceProjection, NAME as RESOURCES};
+use projections::worker::{active_generation, load_offsets};
+use projections::ResourceStore;
+use runtime::Record;
+use schemas::topics::{self, headers};
+use schemas::{ChangeAction, Envelope, ResourceChange, ResourceChanged, WriteMode};
+use serde::Serialize;
+use serde_json::{json, Value};
 
-use crate::config::BackendArgs;
+use crate::config::{BackendArgs, Role, ServeArgs};
+use crate::load::LoadArgs;
+use crate::{synth, App};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -13,18 +41,839 @@ pub enum BenchCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct IngestBenchArgs {
+    /// Backend to measure: embedded by default, Kafka + Postgres with `--kafka-brokers` and
+    /// `--database-url`. Every phase gets fresh state of its own (temp folders, new topic
+    /// prefixes), so `--data-dir` and `--topic-prefix` are not used.
     #[command(flatten)]
     pub backend: BackendArgs,
-    /// Resources per phase.
+    /// Resources per phase (floor and load).
     #[arg(long, default_value_t = 20_000)]
     pub resources: usize,
+    /// Resources written through the HTTP API (one request each, so fewer by default).
+    #[arg(long, default_value_t = 5_000)]
+    pub http_resources: usize,
     /// Concurrent HTTP clients.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Seed of the synthetic resources.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// How long to wait for the view to show every resource before failing, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub visible_timeout_secs: u64,
+    /// Print one JSON object with every figure on stdout at the end (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Also run each stage alone (load with no roles running, the validate processor alone,
+    /// the projection alone) and time each step's CPU cost per resource: where the time goes.
+    #[arg(long)]
+    pub stages: bool,
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Ingest(_args) => anyhow::bail!("bench ingest is not built yet"),
+        BenchCommand::Ingest(args) => ingest(args).await,
     }
+}
+
+/// Appends per chunk, as `payerx load` does.
+const CHUNK: usize = 1000;
+/// How often the cheap visibility check (the projection's stored offsets) runs.
+const VISIBLE_POLL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone, Serialize)]
+struct Latency {
+    /// What one sample is.
+    of: &'static str,
+    samples: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+impl Latency {
+    fn from(of: &'static str, mut samples: Vec<Duration>) -> Option<Latency> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+            samples[rank - 1].as_secs_f64() * 1e3
+        };
+        Some(Latency {
+            of,
+            samples: samples.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            p999_ms: at(0.999),
+            max_ms: at(1.0),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Phase {
+    name: &'static str,
+    resources: u64,
+    /// Compact JSON bytes of the resources (the same measure in every phase).
+    payload_bytes: u64,
+    seconds: f64,
+    resources_per_s: f64,
+    mb_per_s: f64,
+    latency: Option<Latency>,
+    /// VmHWM in KiB: the process-wide peak during this phase (reset at its start when the
+    /// kernel allows; cumulative otherwise).
+    peak_rss_kib: Option<u64>,
+    /// Resident anonymous memory (heap) and file-backed memory (SQLite's mmap of its files)
+    /// when the phase ended, KiB: what of the peak is the process's own.
+    rss_anon_kib_at_end: Option<u64>,
+    rss_file_kib_at_end: Option<u64>,
+}
+
+impl Phase {
+    fn new(
+        name: &'static str,
+        resources: u64,
+        payload_bytes: u64,
+        elapsed: Duration,
+        latency: Option<Latency>,
+        peak_rss_kib: Option<u64>,
+    ) -> Phase {
+        let s = elapsed.as_secs_f64().max(1e-9);
+        Phase {
+            name,
+            resources,
+            payload_bytes,
+            seconds: s,
+            resources_per_s: resources as f64 / s,
+            mb_per_s: payload_bytes as f64 / s / 1e6,
+            latency,
+            peak_rss_kib,
+            rss_anon_kib_at_end: status_kib("RssAnon:"),
+            rss_file_kib_at_end: status_kib("RssFile:"),
+        }
+    }
+}
+
+/// A temp folder for one phase, removed when dropped (also on errors).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(run: &str, phase: &str) -> anyhow::Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("payerx-bench-{run}-{phase}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("bench: could not remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// A `kB` field of /proc/self/status.
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Peak resident set (VmHWM) of this process, KiB.
+fn peak_rss_kib() -> Option<u64> {
+    status_kib("VmHWM:")
+}
+
+/// Resets VmHWM to the current RSS (Linux ≥ 4.0), so each phase reports its own peak.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+struct Run {
+    args: IngestBenchArgs,
+    /// Short random id: temp folders, topic prefixes and resource ids of this run.
+    id: String,
+    kafka: bool,
+    rss_per_phase: bool,
+}
+
+impl Run {
+    /// The backend of one phase: its own folder, and on Kafka its own topics (and consumer
+    /// groups, which take the same prefix).
+    fn backend(&self, dir: &Path, phase: &str) -> BackendArgs {
+        let mut b = self.args.backend.clone();
+        b.data_dir = dir.join("data");
+        if self.kafka {
+            b.topic_prefix = format!("bench-{}-{phase}.", self.id);
+        }
+        b
+    }
+
+    /// Resource ids unique to this run and phase, so phases sharing a database never collide.
+    fn id_prefix(&self, phase: &str) -> String {
+        format!("b{}{}-", self.id, &phase[..1])
+    }
+
+    fn reset_rss(&self) {
+        if self.rss_per_phase {
+            reset_peak_rss();
+        }
+    }
+}
+
+/// The `ResourceChanged` record `payerx load` appends for one resource (same mode, client,
+/// key and headers), so the floor appends byte-for-byte comparable records.
+fn load_record(topic: &str, correlation: &str, rtype: &str, id: &str, text: String) -> anyhow::Result<Record> {
+    let ev = ResourceChanged {
+        envelope: Envelope::new(ResourceChanged::EVENT_TYPE, 1, correlation.to_string(), Some("payerx-load".into())),
+        mode: WriteMode::BatchEntry,
+        changes: vec![ResourceChange {
+            action: ChangeAction::Upsert,
+            resource_type: rtype.to_string(),
+            resource_id: id.to_string(),
+            resource: Some(text),
+            if_match: None,
+            created: false,
+        }],
+    };
+    let value = schemas::encode_event(&ev)?;
+    Ok(Record::new(topic, ev.key(), value)
+        .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
+        .header(headers::EVENT_ID, ev.envelope.event_id.clone())
+        .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone()))
+}
+
+/// `run.args.resources` synthetic resources as load's records for `topic`, in chunks of 1000,
+/// and their payload bytes.
+async fn encoded_chunks(run: &Run, phase: &str, topic: String) -> anyhow::Result<(Vec<Vec<Record>>, u64)> {
+    let (n, seed, prefix) = (run.args.resources, run.args.seed, run.id_prefix(phase));
+    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let correlation = uuid::Uuid::now_v7().to_string();
+        let mut bytes = 0u64;
+        let mut chunks: Vec<Vec<Record>> = Vec::with_capacity(n.div_ceil(CHUNK));
+        for r in synth::resources(n, seed, &prefix) {
+            let text = r.to_string();
+            bytes += text.len() as u64;
+            if chunks.last().is_none_or(|c| c.len() >= CHUNK) {
+                chunks.push(Vec::with_capacity(CHUNK));
+            }
+            if let Some(c) = chunks.last_mut() {
+                let (rtype, id) = (r["resourceType"].as_str(), r["id"].as_str());
+                c.push(load_record(&topic, &correlation, rtype.unwrap_or_default(), id.unwrap_or_default(), text)?);
+            }
+        }
+        Ok((chunks, bytes))
+    })
+    .await?
+}
+
+/// Appends every chunk with two appends in flight (one committing while the next waits), as
+/// `payerx load` does; returns each append's latency.
+async fn append_all(log: &Arc<dyn runtime::Log>, chunks: Vec<Vec<Record>>) -> anyhow::Result<Vec<Duration>> {
+    let mut latencies = Vec::with_capacity(chunks.len());
+    let mut inflight: VecDeque<tokio::task::JoinHandle<Result<Duration, runtime::LogError>>> = VecDeque::new();
+    for chunk in chunks {
+        let log = log.clone();
+        inflight.push_back(tokio::spawn(async move {
+            let t = Instant::now();
+            log.append(chunk).await.map(|_| t.elapsed())
+        }));
+        if inflight.len() >= 2 {
+            if let Some(h) = inflight.pop_front() {
+                latencies.push(h.await??);
+            }
+        }
+    }
+    for h in inflight {
+        latencies.push(h.await??);
+    }
+    Ok(latencies)
+}
+
+async fn floor(run: &Run) -> anyhow::Result<Phase> {
+    let n = run.args.resources;
+    let scratch = Scratch::new(&run.id, "floor")?;
+    let backend = run.backend(&scratch.0, "floor");
+    let log = backend.open_log().await?;
+    let topic = topics::full(&backend.topic_prefix, topics::FHIR_SUBMISSIONS);
+    // Encoded up front: the floor is the log's own rate, not the generator's.
+    let (chunks, bytes) = encoded_chunks(run, "floor", topic).await?;
+    eprintln!("bench: floor: appending {n} records to the {} log", log.backend());
+    run.reset_rss();
+    let start = Instant::now();
+    let latencies = append_all(&log, chunks).await?;
+    let elapsed = start.elapsed();
+    let rss = peak_rss_kib();
+    drop(log);
+    Ok(Phase::new(
+        "floor (log append)",
+        n as u64,
+        bytes,
+        elapsed,
+        Latency::from("append of 1000 records", latencies),
+        rss,
+    ))
+}
+
+/// Visible resources of the three synthetic types in the view.
+async fn visible(store: &ResourceStore) -> anyhow::Result<i64> {
+    let mut sum = 0;
+    for t in ["Patient", "Coverage", "ExplanationOfBenefit"] {
+        sum += store.count(t).await?;
+    }
+    Ok(sum)
+}
+
+/// Waits until the view shows `target` resources. The cheap check (events the projection has
+/// applied from this phase's change topic, stored with its rows) runs often; the exact count
+/// confirms it, so polling does not steal much CPU from the pipeline being measured.
+async fn wait_visible(
+    store: &ResourceStore,
+    changes_topic: &str,
+    prefix: &str,
+    events: u64,
+    target: i64,
+    timeout: Duration,
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    let projection = ResourceProjection::new(prefix);
+    let mut last_report = Instant::now();
+    loop {
+        let generation = active_generation(store.db(), &projection).await?;
+        let applied: i64 = load_offsets(store.db(), RESOURCES, generation)
+            .await?
+            .iter()
+            .filter(|((t, _), _)| t == changes_topic)
+            .map(|(_, o)| *o)
+            .sum();
+        if applied >= events as i64 && visible(store).await? >= target {
+            return Ok(Instant::now());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the view shows {} of {target} resources after {timeout:?} ({applied} change events applied)",
+                visible(store).await?
+            );
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            eprintln!("bench:   … {applied} of {events} change events applied to the view");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(VISIBLE_POLL).await;
+    }
+}
+
+/// Returns (acknowledged, visible).
+async fn load(run: &Run) -> anyhow::Result<(Phase, Phase)> {
+    let n = run.args.resources;
+    let scratch = Scratch::new(&run.id, "load")?;
+    let backend = run.backend(&scratch.0, "load");
+    let path = scratch.0.join("resources.ndjson");
+    let bytes = {
+        let (path, seed, prefix) = (path.clone(), run.args.seed, run.id_prefix("load"));
+        tokio::task::spawn_blocking(move || synth::write_ndjson(&path, n, seed, &prefix))
+            .await?
+            .context("writing the NDJSON input")?
+    };
+    let mut serve = ServeArgs::new(backend.clone());
+    serve.roles = vec![Role::Processors, Role::Projections];
+    let app = App::start(serve).await?;
+    let result = async {
+        let store = app.store.clone().context("payerx started without its views")?;
+        let before = visible(&store).await?;
+        let load_args =
+            LoadArgs { backend: backend.clone(), path: path.clone(), chunk: CHUNK, show_rejects: 20, quiet: true };
+        eprintln!("bench: load: {n} resources ({:.1} MB of NDJSON) through payerx load", bytes as f64 / 1e6);
+        run.reset_rss();
+        let start = Instant::now();
+        // The app's own log handle: one writer per embedded log file, as in one process.
+        let report = crate::load::load_into(app.log.clone(), &load_args).await?;
+        let acked = start.elapsed();
+        if report.rejected > 0 || report.accepted != n as u64 {
+            bail!("payerx load accepted {} and rejected {} of {n}", report.accepted, report.rejected);
+        }
+        let rss_ack = peak_rss_kib();
+        eprintln!("bench: load: acknowledged in {:.2} s; waiting for the view", acked.as_secs_f64());
+        let changes = topics::full(&backend.topic_prefix, topics::FHIR_CHANGES);
+        let done = wait_visible(
+            &store,
+            &changes,
+            &backend.topic_prefix,
+            n as u64,
+            before + n as i64,
+            Duration::from_secs(run.args.visible_timeout_secs),
+        )
+        .await?;
+        let rss = peak_rss_kib();
+        Ok((
+            Phase::new("load (acknowledged)", n as u64, bytes, acked, None, rss_ack),
+            Phase::new("load (visible)", n as u64, bytes, done - start, None, rss),
+        ))
+    }
+    .await;
+    app.stop().await?;
+    result
+}
+
+async fn http(run: &Run) -> anyhow::Result<Phase> {
+    let n = run.args.http_resources;
+    let concurrency = run.args.concurrency.max(1);
+    let scratch = Scratch::new(&run.id, "http")?;
+    let backend = run.backend(&scratch.0, "http");
+    let mut serve = ServeArgs::new(backend.clone());
+    // Long enough that no write answers 202 (still pending): every response means visible.
+    serve.write_wait_ms = 120_000;
+    let app = App::start(serve).await?;
+    let result = async {
+        let store = app.store.clone().context("payerx started without its views")?;
+        let base = app.base_url();
+        let (seed, prefix) = (run.args.seed, run.id_prefix("http"));
+        let items: Vec<(String, String)> = synth::resources(n, seed, &prefix)
+            .map(|r| {
+                let url = format!(
+                    "{base}/fhir/{}/{}",
+                    r["resourceType"].as_str().unwrap_or_default(),
+                    r["id"].as_str().unwrap_or_default()
+                );
+                (url, r.to_string())
+            })
+            .collect();
+        let bytes: u64 = items.iter().map(|(_, b)| b.len() as u64).sum();
+        let items = Arc::new(items);
+        let client =
+            reqwest::Client::builder().no_proxy().pool_max_idle_per_host(concurrency).tcp_nodelay(true).build()?;
+        let before = visible(&store).await?;
+        eprintln!("bench: http: {n} PUTs from {concurrency} concurrent clients to {base}");
+        run.reset_rss();
+        let next = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (items, next, client) = (items.clone(), next.clone(), client.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut errors = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((url, body)) = items.get(i) else {
+                            break;
+                        };
+                        let t = Instant::now();
+                        let sent = client
+                            .put(url)
+                            .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
+                            .body(body.clone())
+                            .send()
+                            .await;
+                        match sent {
+                            Ok(resp) => {
+                                let status = resp.status();
+                                let text = resp.text().await.unwrap_or_default();
+                                latencies.push(t.elapsed());
+                                // 200/201 only: 202 would mean "accepted, not yet visible".
+                                if status != reqwest::StatusCode::OK && status != reqwest::StatusCode::CREATED {
+                                    errors.push(format!("PUT {url}: {status}: {text:.300}"));
+                                }
+                            }
+                            Err(e) => errors.push(format!("PUT {url}: {e}")),
+                        }
+                    }
+                    (latencies, errors)
+                })
+            })
+            .collect();
+        let mut latencies = Vec::with_capacity(n);
+        let mut errors = Vec::new();
+        for w in workers {
+            let (l, e) = w.await?;
+            latencies.extend(l);
+            errors.extend(e);
+        }
+        let elapsed = start.elapsed();
+        let rss = peak_rss_kib();
+        if !errors.is_empty() {
+            for e in errors.iter().take(5) {
+                eprintln!("bench: http: {e}");
+            }
+            bail!("{} of {n} HTTP writes failed", errors.len());
+        }
+        // The contract says a 2xx write is visible; check it rather than trust it.
+        let now = visible(&store).await?;
+        if now != before + n as i64 {
+            bail!("after {n} successful PUTs the view shows {} new resources", now - before);
+        }
+        Ok(Phase::new(
+            "http PUT (acknowledged = visible)",
+            n as u64,
+            bytes,
+            elapsed,
+            Latency::from("PUT until visible", latencies),
+            rss,
+        ))
+    }
+    .await;
+    app.stop().await?;
+    result
+}
+
+// ---- stages alone (--stages) -------------------------------------------------------------------
+
+/// `payerx load` into a log with no roles running: load's own ceiling on this machine.
+async fn load_alone(run: &Run) -> anyhow::Result<Phase> {
+    let n = run.args.resources;
+    let scratch = Scratch::new(&run.id, "alone")?;
+    let backend = run.backend(&scratch.0, "alone");
+    let path = scratch.0.join("resources.ndjson");
+    let bytes = {
+        let (path, seed, prefix) = (path.clone(), run.args.seed, run.id_prefix("alone"));
+        tokio::task::spawn_blocking(move || synth::write_ndjson(&path, n, seed, &prefix))
+            .await?
+            .context("writing the NDJSON input")?
+    };
+    let log = backend.open_log().await?;
+    let load_args = LoadArgs { backend: backend.clone(), path, chunk: CHUNK, show_rejects: 20, quiet: true };
+    eprintln!("bench: stages: payerx load with nothing else running");
+    run.reset_rss();
+    let start = Instant::now();
+    let report = crate::load::load_into(log.clone(), &load_args).await?;
+    let elapsed = start.elapsed();
+    if report.accepted != n as u64 {
+        bail!("payerx load accepted {} of {n}", report.accepted);
+    }
+    Ok(Phase::new("load alone (acknowledged)", n as u64, bytes, elapsed, None, peak_rss_kib()))
+}
+
+/// The validate processor alone: submissions appended beforehand, timed until every one has
+/// been forwarded to the change topic.
+async fn processor_alone(run: &Run) -> anyhow::Result<Phase> {
+    let n = run.args.resources;
+    let scratch = Scratch::new(&run.id, "validate")?;
+    let backend = run.backend(&scratch.0, "validate");
+    let submissions = topics::full(&backend.topic_prefix, topics::FHIR_SUBMISSIONS);
+    let changes = topics::full(&backend.topic_prefix, topics::FHIR_CHANGES);
+    let (chunks, bytes) = encoded_chunks(run, "validate", submissions).await?;
+    {
+        let log = backend.open_log().await?;
+        append_all(&log, chunks).await?;
+    }
+    let mut serve = ServeArgs::new(backend);
+    serve.roles = vec![Role::Processors];
+    eprintln!("bench: stages: the validate processor alone");
+    run.reset_rss();
+    let app = App::start(serve).await?;
+    let start = Instant::now();
+    let result = async {
+        let deadline = start + Duration::from_secs(run.args.visible_timeout_secs);
+        loop {
+            let forwarded: i64 = app.log.end_offsets(&changes).await?.iter().sum();
+            if forwarded >= n as i64 {
+                return Ok(start.elapsed());
+            }
+            if Instant::now() >= deadline {
+                bail!("the validate processor forwarded {forwarded} of {n} in time");
+            }
+            tokio::time::sleep(VISIBLE_POLL).await;
+        }
+    }
+    .await;
+    let rss = peak_rss_kib();
+    app.stop().await?;
+    Ok(Phase::new("validate processor alone", n as u64, bytes, result?, None, rss))
+}
+
+/// The resource projection alone: change events appended beforehand, timed until the view
+/// shows every resource.
+async fn projection_alone(run: &Run) -> anyhow::Result<Phase> {
+    let n = run.args.resources;
+    let scratch = Scratch::new(&run.id, "project")?;
+    let backend = run.backend(&scratch.0, "project");
+    let changes = topics::full(&backend.topic_prefix, topics::FHIR_CHANGES);
+    let (chunks, bytes) = encoded_chunks(run, "project", changes.clone()).await?;
+    {
+        let log = backend.open_log().await?;
+        append_all(&log, chunks).await?;
+    }
+    let mut serve = ServeArgs::new(backend.clone());
+    serve.roles = vec![Role::Projections];
+    eprintln!("bench: stages: the resource projection alone");
+    let app = App::start(serve).await?;
+    let result = async {
+        let store = app.store.clone().context("payerx started without its views")?;
+        // Counted before the clock starts: the projection may already be applying.
+        let before = visible(&store).await?;
+        run.reset_rss();
+        let start = Instant::now();
+        let done = wait_visible(
+            &store,
+            &changes,
+            &backend.topic_prefix,
+            n as u64,
+            before + n as i64,
+            Duration::from_secs(run.args.visible_timeout_secs),
+        )
+        .await?;
+        anyhow::Ok(done - start)
+    }
+    .await;
+    let rss = peak_rss_kib();
+    app.stop().await?;
+    Ok(Phase::new("resource projection alone", n as u64, bytes, result?, None, rss))
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct CpuStep {
+    step: &'static str,
+    /// Microseconds of one thread per resource.
+    us_per_resource: f64,
+}
+
+/// CPU cost of each step a resource goes through, one thread, no IO, in steady state (each
+/// result dropped at once, so the allocator recycles memory as in the pipeline).
+fn cpu_steps(n: usize, seed: u64) -> anyhow::Result<Vec<CpuStep>> {
+    use runtime::Processor;
+    use std::hint::black_box;
+    let values: Vec<Value> = synth::resources(n, seed, "cpu-").collect();
+    let texts: Vec<String> = values.iter().map(Value::to_string).collect();
+    let mut steps = Vec::new();
+    let mut step = |name: &'static str, t: Instant| {
+        steps.push(CpuStep { step: name, us_per_resource: t.elapsed().as_secs_f64() * 1e6 / n as f64 })
+    };
+    let t = Instant::now();
+    for l in &texts {
+        black_box(serde_json::from_str::<Value>(l)?);
+    }
+    step("parse JSON (serde_json::Value)", t);
+    let t = Instant::now();
+    for v in &values {
+        let (rtype, id) = (v["resourceType"].as_str().unwrap_or_default(), v["id"].as_str().unwrap_or_default());
+        processors::validate_processor::check_resource(v, rtype, id, None)
+            .map_err(|oo| anyhow::anyhow!("{}", oo.summary()))?;
+    }
+    step("validate (check_resource)", t);
+    let t = Instant::now();
+    for v in &values {
+        black_box(v.to_string());
+    }
+    step("serialize JSON", t);
+    let topic = "bench.fhir.submissions";
+    let t = Instant::now();
+    for (v, text) in values.iter().zip(&texts) {
+        let (rtype, id) = (v["resourceType"].as_str().unwrap_or_default(), v["id"].as_str().unwrap_or_default());
+        black_box(load_record(topic, "c", rtype, id, text.clone())?);
+    }
+    step("envelope + Avro encode + record (of serialized JSON)", t);
+    let records = values
+        .iter()
+        .zip(texts)
+        .map(|(v, text)| {
+            let (rtype, id) = (v["resourceType"].as_str().unwrap_or_default(), v["id"].as_str().unwrap_or_default());
+            load_record(topic, "c", rtype, id, text)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let t = Instant::now();
+    for r in &records {
+        black_box(schemas::decode_event::<ResourceChanged>(&r.value)?);
+    }
+    step("Avro decode", t);
+    let processor = processors::ValidateProcessor::new("bench.");
+    let consumed: Vec<runtime::Consumed> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| runtime::Consumed {
+            topic: r.topic,
+            partition: 0,
+            offset: i as i64,
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            timestamp_ms: 0,
+        })
+        .collect();
+    let t = Instant::now();
+    for c in &consumed {
+        black_box(processor.process(c).map_err(|e| anyhow::anyhow!("validate processor: {e}"))?);
+    }
+    step("validate processor (decode, parse, validate, encode)", t);
+    Ok(steps)
+}
+
+fn fmt_rss(kib: Option<u64>) -> String {
+    kib.map_or("n/a".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0))
+}
+
+fn fmt_ms(ms: Option<f64>) -> String {
+    ms.map_or("n/a".into(), |ms| if ms < 10.0 { format!("{ms:.2} ms") } else { format!("{ms:.1} ms") })
+}
+
+fn table(out: &mut String, phases: &[Phase]) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "{:<34} {:>9} {:>8} {:>12} {:>7} {:>10} {:>10} {:>10}  {:>9}  latency sample",
+        "phase", "resources", "seconds", "resources/s", "MB/s", "p50", "p99", "p99.9", "peak RSS"
+    );
+    for p in phases {
+        let l = p.latency.as_ref();
+        let _ = writeln!(
+            out,
+            "{:<34} {:>9} {:>8.2} {:>12.0} {:>7.1} {:>10} {:>10} {:>10}  {:>9}  {}",
+            p.name,
+            p.resources,
+            p.seconds,
+            p.resources_per_s,
+            p.mb_per_s,
+            fmt_ms(l.map(|l| l.p50_ms)),
+            fmt_ms(l.map(|l| l.p99_ms)),
+            fmt_ms(l.map(|l| l.p999_ms)),
+            fmt_rss(p.peak_rss_kib),
+            l.map_or("n/a (load reports no per-item times)", |l| l.of),
+        );
+    }
+}
+
+async fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
+    if args.resources == 0 {
+        bail!("--resources must be at least 1");
+    }
+    let kafka = args.backend.kafka_brokers.is_some();
+    let postgres = args.backend.database_url.as_deref().is_some_and(|u| u.starts_with("postgres"));
+    let label = format!(
+        "{} log + {} views",
+        if kafka { "Kafka" } else { "embedded" },
+        if postgres { "PostgreSQL" } else { "SQLite" }
+    );
+    let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let rss_per_phase = reset_peak_rss();
+    let run = Run { args: args.clone(), id, kafka, rss_per_phase };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    eprintln!("bench: ingest on {label}, {cpus} CPUs, run {}", run.id);
+
+    // Order matters only for cumulative RSS: each phase has state of its own.
+    let floor = floor(&run).await.context("floor phase")?;
+    eprintln!("bench: floor: {:.0} resources/s", floor.resources_per_s);
+    let (load_ack, load_vis) = load(&run).await.context("load phase")?;
+    eprintln!(
+        "bench: load: {:.0} resources/s acknowledged, {:.0} visible",
+        load_ack.resources_per_s, load_vis.resources_per_s
+    );
+    let http = if args.http_resources > 0 {
+        let h = http(&run).await.context("http phase")?;
+        eprintln!("bench: http: {:.0} resources/s", h.resources_per_s);
+        Some(h)
+    } else {
+        None
+    };
+
+    let mut stage_phases = Vec::new();
+    let mut cpu = Vec::new();
+    if args.stages {
+        stage_phases.push(load_alone(&run).await.context("load alone")?);
+        stage_phases.push(processor_alone(&run).await.context("validate processor alone")?);
+        stage_phases.push(projection_alone(&run).await.context("projection alone")?);
+        let (k, seed) = (args.resources.min(5_000), args.seed);
+        eprintln!("bench: stages: CPU per resource over {k} resources, one thread");
+        cpu = tokio::task::spawn_blocking(move || cpu_steps(k, seed)).await??;
+    }
+
+    let f = floor.resources_per_s;
+    let ratio = |p: &Phase| p.resources_per_s / f;
+    let avg_bytes = floor.payload_bytes / floor.resources.max(1);
+    let mut phases = vec![floor.clone(), load_ack.clone(), load_vis.clone()];
+    phases.extend(http.clone());
+    // The issue's goals: load ≥ 20,000/s on the embedded backends, and ≥ half the floor.
+    let goal_rate = (!kafka).then_some(load_ack.resources_per_s >= 20_000.0);
+    let goal_half = ratio(&load_ack) >= 0.5;
+
+    let mut out = String::new();
+    {
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "\npayerx bench ingest: {label}; {} resources/phase ({avg_bytes} B average: Patient, Coverage, CARIN BB EOB), HTTP {} at concurrency {}, {cpus} CPUs",
+            args.resources, args.http_resources, args.concurrency
+        );
+        table(&mut out, &phases);
+        let _ = writeln!(
+            out,
+            "ratios to the floor: load acknowledged {:.2}, load visible {:.2}{}",
+            ratio(&load_ack),
+            ratio(&load_vis),
+            http.as_ref().map_or(String::new(), |h| format!(", http {:.3}", ratio(h)))
+        );
+        let _ = writeln!(
+            out,
+            "goals: load ≥ 20,000 resources/s on embedded: {}; load ≥ 0.5 × floor: {}",
+            match goal_rate {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "n/a (not embedded)",
+            },
+            if goal_half { "met" } else { "NOT met" }
+        );
+        if !stage_phases.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nstages alone (same {} resources, fresh state each, nothing else running):",
+                args.resources
+            );
+            table(&mut out, &stage_phases);
+            let _ = writeln!(
+                out,
+                "ratios to the floor: {}",
+                stage_phases.iter().map(|p| format!("{} {:.2}", p.name, ratio(p))).collect::<Vec<_>>().join(", ")
+            );
+            let _ = writeln!(out, "CPU per resource, one thread, no IO:");
+            for c in &cpu {
+                let _ = writeln!(
+                    out,
+                    "  {:<56} {:>8.1} µs  (≤ {:>7.0} resources/s per core)",
+                    c.step,
+                    c.us_per_resource,
+                    1e6 / c.us_per_resource.max(1e-9)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "notes: peak RSS is the process-wide VmHWM {} (it includes the bench's own inputs: the floor holds every encoded record in memory); \
+             load visible = from load start until the view shows all; http latency = request until the write is visible (payerx answers after the view has it), client on the same machine.",
+            if run.rss_per_phase { "reset at the start of each phase" } else { "since process start (cumulative: the kernel refused a reset)" }
+        );
+    }
+    if args.json {
+        eprint!("{out}");
+        let report = json!({
+            "bench": "ingest",
+            "backend": {"log": if kafka { "kafka" } else { "embedded" }, "views": if postgres { "postgres" } else { "sqlite" }},
+            "cpus": cpus,
+            "resources": args.resources,
+            "http_resources": args.http_resources,
+            "concurrency": args.concurrency,
+            "seed": args.seed,
+            "avg_resource_bytes": avg_bytes,
+            "peak_rss_scope": if run.rss_per_phase { "phase" } else { "process" },
+            "phases": phases,
+            "ratios_to_floor": {
+                "load_acknowledged": ratio(&load_ack),
+                "load_visible": ratio(&load_vis),
+                "http": http.as_ref().map(ratio),
+            },
+            "goals": {
+                "load_at_least_20000_per_s_embedded": goal_rate,
+                "load_at_least_half_floor": goal_half,
+            },
+            "stages": {
+                "phases": stage_phases,
+                "ratios_to_floor": stage_phases.iter().map(|p| (p.name.to_string(), json!(ratio(p)))).collect::<serde_json::Map<_, _>>(),
+                "cpu_per_resource": cpu,
+            },
+        });
+        println!("{report}");
+    } else {
+        print!("{out}");
+    }
+    Ok(())
 }

@@ -61,6 +61,9 @@ pub struct ServeArgs {
     /// Address the HTTP API listens on (port 0 picks a free one).
     #[arg(long, env = "PAYERX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`), in every role.
+    #[arg(long, env = "PAYERX_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
+    pub admin_listen: SocketAddr,
     /// Roles this process runs.
     #[arg(long, env = "PAYERX_ROLES", value_delimiter = ',', default_value = "ingest,processors,projections")]
     pub roles: Vec<Role>,
@@ -137,6 +140,7 @@ impl ServeArgs {
         ServeArgs {
             backend,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             roles: vec![Role::Ingest, Role::Processors, Role::Projections],
             write_wait_ms: 5000,
             max_body_bytes: 16 * 1024 * 1024,

@@ -521,28 +521,3 @@ mod tests {
         assert_eq!(lines, resources(10, 1, "n-").collect::<Vec<_>>());
     }
 }
-#[cfg(test)]
-mod scratch {
-    #[test]
-    fn sizes() {
-        let mut by = std::collections::BTreeMap::<String, Vec<usize>>::new();
-        for r in super::resources(300, 42, "t-") {
-            let key = format!(
-                "{} {} {}",
-                r["resourceType"].as_str().unwrap_or(""),
-                r["type"]["coding"][0]["code"],
-                r["item"].as_array().map_or(0, |a| a.len())
-            );
-            by.entry(key).or_default().push(r.to_string().len());
-        }
-        for (k, v) in by {
-            eprintln!(
-                "{k}: n={} min={} max={} avg={}",
-                v.len(),
-                v.iter().min().unwrap_or(&0),
-                v.iter().max().unwrap_or(&0),
-                v.iter().sum::<usize>() / v.len()
-            );
-        }
-    }
-}

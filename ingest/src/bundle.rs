@@ -12,6 +12,7 @@ use projections::WriteOutcome;
 use schemas::{ChangeAction, IssueType, OperationOutcome, ResourceChange, WriteMode};
 use serde_json::{json, Value};
 
+use crate::access::{Caller, Interaction};
 use crate::error::{fhir_response, ApiError};
 use crate::fhir::{base_url, json_body, parse_etag};
 use crate::write::{self, Waited};
@@ -128,6 +129,18 @@ fn rewrite_references(v: &mut Value, assigned: &HashMap<String, String>) {
     }
 }
 
+/// Writes to the payer feed need system scopes for the entry's type and interaction.
+fn authorize(caller: &Caller, i: usize, change: &ResourceChange) -> Result<(), OperationOutcome> {
+    let interaction = match change.action {
+        ChangeAction::Delete => Interaction::Delete,
+        ChangeAction::Upsert if change.created => Interaction::Create,
+        ChangeAction::Upsert => Interaction::Update,
+    };
+    caller
+        .authorize_write(&change.resource_type, interaction)
+        .map_err(|e| e.outcome.at(format!("Bundle.entry[{i}].request")))
+}
+
 /// Validates the (possibly rewritten) resource of a change.
 fn check(i: usize, change: &ResourceChange) -> Result<(), OperationOutcome> {
     processors::check_change(change, Some(&format!("Bundle.entry[{i}].resource")))
@@ -160,6 +173,7 @@ fn pending_entry(base: &str, event_id: &str) -> Value {
 
 pub async fn batch_or_transaction(
     State(state): State<SharedState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -189,8 +203,8 @@ pub async fn batch_or_transaction(
     let base = base_url(&state, &headers);
     let corr = write::request_id(&headers);
     match kind {
-        "batch" => batch(&state, &headers, &base, &corr, entries).await,
-        "transaction" => transaction(&state, &headers, &base, &corr, entries).await,
+        "batch" => batch(&state, &caller, &base, &corr, entries).await,
+        "transaction" => transaction(&state, &caller, &headers, &base, &corr, entries).await,
         other => {
             Err(ApiError::bad_request(format!("Bundle.type '{other}' cannot be processed; use batch or transaction"))
                 .at("Bundle.type"))
@@ -200,7 +214,7 @@ pub async fn batch_or_transaction(
 
 async fn batch(
     state: &SharedState,
-    headers: &HeaderMap,
+    caller: &Caller,
     base: &str,
     corr: &str,
     entries: &[Value],
@@ -208,18 +222,25 @@ async fn batch(
     let mut parsed: Vec<Parsed> = Vec::with_capacity(entries.len());
     for (i, entry) in entries.iter().enumerate() {
         let mut assigned = HashMap::new();
-        parsed.push(parse_entry(i, entry, &mut assigned).and_then(|c| check(i, &c).map(|_| c)));
+        parsed.push(
+            parse_entry(i, entry, &mut assigned)
+                .and_then(|c| authorize(caller, i, &c).map(|_| c))
+                .and_then(|c| check(i, &c).map(|_| c)),
+        );
     }
     let events: Vec<_> = parsed
         .iter()
         .filter_map(|p| p.as_ref().ok())
-        .map(|c| write::event(corr, WriteMode::BatchEntry, vec![c.clone()]))
+        .map(|c| write::event(corr, caller.client_id(), WriteMode::BatchEntry, vec![c.clone()]))
         .collect();
     let mut waited = write::submit(state, events).await?.into_iter();
     let out: Vec<Value> = parsed
         .iter()
         .map(|p| match p {
-            Err(oo) => response_entry(base, 400, None, Some(&oo.to_json())),
+            Err(oo) => {
+                let status = if oo.issue.iter().any(|i| i.code == IssueType::Forbidden) { 403 } else { 400 };
+                response_entry(base, status, None, Some(&oo.to_json()))
+            }
             Ok(_) => match waited.next() {
                 Some(Waited::Done(o)) => single_entry(base, &o),
                 Some(Waited::Pending(id)) => pending_entry(base, &id),
@@ -227,7 +248,6 @@ async fn batch(
             },
         })
         .collect();
-    let _ = headers;
     Ok(fhir_response(StatusCode::OK, &json!({"resourceType": "Bundle", "type": "batch-response", "entry": out})))
 }
 
@@ -239,6 +259,7 @@ fn single_entry(base: &str, o: &WriteOutcome) -> Value {
 
 async fn transaction(
     state: &SharedState,
+    caller: &Caller,
     headers: &HeaderMap,
     base: &str,
     corr: &str,
@@ -250,6 +271,9 @@ async fn transaction(
         changes.push(
             parse_entry(i, entry, &mut assigned).map_err(|oo| ApiError::with_outcome(StatusCode::BAD_REQUEST, oo))?,
         );
+    }
+    for (i, c) in changes.iter().enumerate() {
+        authorize(caller, i, c).map_err(|oo| ApiError::with_outcome(StatusCode::FORBIDDEN, oo))?;
     }
     let mut seen = HashMap::new();
     for (i, c) in changes.iter().enumerate() {
@@ -285,7 +309,8 @@ async fn transaction(
             &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": []}),
         ));
     }
-    let mut waited = write::submit(state, vec![write::event(corr, WriteMode::Transaction, changes)]).await?;
+    let mut waited =
+        write::submit(state, vec![write::event(corr, caller.client_id(), WriteMode::Transaction, changes)]).await?;
     let o = match waited.remove(0) {
         Waited::Pending(id) => return Ok(write::pending_response(state, headers, &id)),
         Waited::Done(o) => o,

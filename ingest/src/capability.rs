@@ -1,15 +1,38 @@
 //! `GET /fhir/metadata`: a CapabilityStatement that states exactly what this build implements.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::error::fhir_response;
 use crate::fhir::base_url;
 use crate::SharedState;
 
-pub fn capability_statement(base: &str, max_body_bytes: usize) -> Value {
+/// `rest.security` for a server behind SMART: the OAuth URIs extension from the discovery document.
+fn security(smart: Option<&Value>) -> Value {
+    let Some(smart) = smart else {
+        return json!({"description": "This server runs WITHOUT authorization (--insecure-no-auth): for local experiments only."});
+    };
+    let uris: Vec<Value> = [
+        ("token", "token_endpoint"),
+        ("authorize", "authorization_endpoint"),
+        ("introspect", "introspection_endpoint"),
+        ("revoke", "revocation_endpoint"),
+    ]
+    .iter()
+    .filter_map(|(name, key)| smart.get(*key).and_then(Value::as_str).map(|u| json!({"url": name, "valueUri": u})))
+    .collect();
+    json!({
+        "cors": false,
+        "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}],
+                     "text": "OAuth2 using SMART App Launch 2.x"}],
+        "extension": [{"url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris", "extension": uris}],
+        "description": "Every request except metadata and .well-known/smart-configuration needs a bearer token; scopes and the patient compartment limit what it sees."
+    })
+}
+
+pub fn capability_statement(base: &str, max_body_bytes: usize, smart: Option<&Value>) -> Value {
     let interactions = json!([
         {"code": "read"}, {"code": "vread"}, {"code": "history-instance"},
         {"code": "update"}, {"code": "create"}, {"code": "delete"}
@@ -39,6 +62,7 @@ pub fn capability_statement(base: &str, max_body_bytes: usize) -> Value {
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
+            "security": security(smart),
             "documentation": format!(
                 "Every write becomes an event on the log and is answered once the read view shows it; if that takes longer than the \
                  configured wait, the answer is 202 with a Content-Location to poll. Request bodies are limited to {max_body_bytes} bytes \
@@ -55,5 +79,23 @@ pub fn capability_statement(base: &str, max_body_bytes: usize) -> Value {
 
 pub async fn metadata(State(state): State<SharedState>, headers: HeaderMap) -> Response {
     let base = base_url(&state, &headers);
-    fhir_response(StatusCode::OK, &capability_statement(&base, state.config.max_body_bytes))
+    fhir_response(
+        StatusCode::OK,
+        &capability_statement(&base, state.config.max_body_bytes, state.smart_configuration.as_ref()),
+    )
+}
+
+/// `GET /fhir/.well-known/smart-configuration`: JSON whatever the `Accept`; 404 when this server
+/// runs without authorization (`--insecure-no-auth`).
+pub async fn smart_configuration(State(state): State<SharedState>) -> Response {
+    match &state.smart_configuration {
+        Some(doc) => {
+            let mut resp = (StatusCode::OK, doc.to_string()).into_response();
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp
+        }
+        None => {
+            crate::ApiError::not_found("this server runs without authorization (--insecure-no-auth)").into_response()
+        }
+    }
 }

@@ -11,6 +11,7 @@ use schemas::{ChangeAction, IssueType, OperationOutcome, ResourceChange, WriteMo
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::access::{Caller, Interaction, Visibility};
 use crate::error::{fhir_raw, fhir_response, ApiError};
 use crate::write::{self, Waited};
 use crate::SharedState;
@@ -135,11 +136,16 @@ fn gone(r: &StoredResource) -> ApiError {
 
 pub async fn read(
     State(state): State<SharedState>,
+    caller: Caller,
     Path((rtype, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
     check_id(&rtype, &id)?;
-    match state.store.read(&rtype, &id).await? {
+    let vis = caller.authorize(&rtype, Interaction::Read)?;
+    let found = state.store.read(&rtype, &id).await?;
+    // Outside the caller's compartment is answered exactly like absent: nothing leaks.
+    let found = found.filter(|r| vis == Visibility::All || (!r.deleted && vis.allows_json(r.content.as_deref())));
+    match found {
         Some(r) if r.deleted => {
             let mut resp = gone(&r).into_response();
             if let Ok(v) = HeaderValue::from_str(&format!("W/\"{}\"", r.version_id)) {
@@ -154,12 +160,16 @@ pub async fn read(
 
 pub async fn vread(
     State(state): State<SharedState>,
+    caller: Caller,
     Path((rtype, id, vid)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
     check_id(&rtype, &id)?;
+    let vis = caller.authorize(&rtype, Interaction::Read)?;
     let v: i64 = vid.parse().map_err(|_| ApiError::not_found(format!("'{vid}' is not a version of {rtype}/{id}")))?;
-    match state.store.vread(&rtype, &id, v).await? {
+    let found = state.store.vread(&rtype, &id, v).await?;
+    let found = found.filter(|r| vis == Visibility::All || (!r.deleted && vis.allows_json(r.content.as_deref())));
+    match found {
         Some(r) if r.deleted => Err(gone(&r)),
         Some(r) => Ok(resource_response(StatusCode::OK, &r, None)),
         None => Err(ApiError::not_found(format!("{rtype}/{id} has no version {v}"))),
@@ -178,6 +188,7 @@ pub struct HistoryParams {
 /// `GET /fhir/{type}/{id}/_history`: a history Bundle, newest first, paged by `_count`.
 pub async fn history(
     State(state): State<SharedState>,
+    caller: Caller,
     headers: HeaderMap,
     Path((rtype, id)): Path<(String, String)>,
     Query(q): Query<HistoryParams>,
@@ -192,7 +203,12 @@ pub async fn history(
             .filter(|c| (1..=1000).contains(c))
             .ok_or_else(|| ApiError::bad_request("_count must be an integer from 1 to 1000").at("_count"))?,
     };
-    let versions = state.store.history(&rtype, &id, count + 1, q.before_version).await?;
+    let vis = caller.authorize(&rtype, Interaction::Read)?;
+    let mut versions = state.store.history(&rtype, &id, count + 1, q.before_version).await?;
+    if vis != Visibility::All {
+        // Only versions the caller may see; deletion markers carry nothing to check, so they go.
+        versions.retain(|r| !r.deleted && vis.allows_json(r.content.as_deref()));
+    }
     if versions.is_empty() && q.before_version.is_none() {
         return Err(ApiError::not_found(format!("{rtype}/{id} is not known")));
     }
@@ -290,26 +306,31 @@ async fn respond(state: &SharedState, headers: &HeaderMap, waited: Waited) -> Re
 
 pub async fn update(
     State(state): State<SharedState>,
+    caller: Caller,
     headers: HeaderMap,
     Path((rtype, id)): Path<(String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
+    caller.authorize_write(&rtype, Interaction::Update)?;
     check_id(&rtype, &id)?;
     let body = json_body(&state, &headers, body).await?;
     let change = upsert_change(&rtype, &id, body, if_match(&headers)?, false)?;
     let corr = write::request_id(&headers);
-    let mut waited = write::submit(&state, vec![write::event(&corr, WriteMode::Single, vec![change])]).await?;
+    let mut waited =
+        write::submit(&state, vec![write::event(&corr, caller.client_id(), WriteMode::Single, vec![change])]).await?;
     respond(&state, &headers, waited.remove(0)).await
 }
 
 pub async fn create(
     State(state): State<SharedState>,
+    caller: Caller,
     headers: HeaderMap,
     Path(rtype): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
+    caller.authorize_write(&rtype, Interaction::Create)?;
     if headers.contains_key("if-none-exist") {
         // Ignoring it would create the duplicate the client is guarding against.
         return Err(ApiError::new(
@@ -322,16 +343,19 @@ pub async fn create(
     let id = uuid::Uuid::new_v4().to_string();
     let change = upsert_change(&rtype, &id, body, None, true)?;
     let corr = write::request_id(&headers);
-    let mut waited = write::submit(&state, vec![write::event(&corr, WriteMode::Single, vec![change])]).await?;
+    let mut waited =
+        write::submit(&state, vec![write::event(&corr, caller.client_id(), WriteMode::Single, vec![change])]).await?;
     respond(&state, &headers, waited.remove(0)).await
 }
 
 pub async fn delete(
     State(state): State<SharedState>,
+    caller: Caller,
     headers: HeaderMap,
     Path((rtype, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
+    caller.authorize_write(&rtype, Interaction::Delete)?;
     check_id(&rtype, &id)?;
     let change = ResourceChange {
         action: ChangeAction::Delete,
@@ -342,7 +366,8 @@ pub async fn delete(
         created: false,
     };
     let corr = write::request_id(&headers);
-    let mut waited = write::submit(&state, vec![write::event(&corr, WriteMode::Single, vec![change])]).await?;
+    let mut waited =
+        write::submit(&state, vec![write::event(&corr, caller.client_id(), WriteMode::Single, vec![change])]).await?;
     respond(&state, &headers, waited.remove(0)).await
 }
 

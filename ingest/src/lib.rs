@@ -3,6 +3,8 @@
 //! projections' query side for reads, and from the recorded write outcome for writes. It never
 //! writes a view.
 
+pub mod access;
+pub mod audit;
 pub mod bundle;
 pub mod capability;
 pub mod error;
@@ -10,14 +12,12 @@ pub mod fhir;
 pub mod ops;
 pub mod write;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use metrics_exporter_prometheus::PrometheusHandle;
 use projections::{ResourceStore, WriteNotifier};
 use runtime::Log;
 
@@ -50,9 +50,12 @@ pub struct AppState {
     pub store: Arc<ResourceStore>,
     pub notifier: Arc<WriteNotifier>,
     pub config: IngestConfig,
-    pub metrics: Option<PrometheusHandle>,
-    /// Set once start-up (topics, migrations) is done.
-    pub ready: Arc<AtomicBool>,
+    pub ops: ops::SharedOps,
+    pub audit: audit::AuditLog,
+    /// Verifies bearer tokens; `None` only with `--insecure-no-auth`.
+    pub verifier: Option<Arc<dyn access::TokenVerifier>>,
+    /// Extra open routes mounted beside `/fhir` (the authorization server's `/auth/...`).
+    pub smart_configuration: Option<serde_json::Value>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -67,15 +70,19 @@ pub fn router(state: SharedState) -> Router {
         .route("/{rtype}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete))
         .route("/{rtype}/{id}/_history", get(fhir::history))
         .route("/{rtype}/{id}/_history/{vid}", get(fhir::vread))
+        .route("/.well-known/smart-configuration", get(capability::smart_configuration))
         .fallback(fhir::unknown_route)
-        .method_not_allowed_fallback(fhir::method_not_allowed);
-    Router::new()
-        .nest("/fhir", fhir)
+        .method_not_allowed_fallback(fhir::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access::authenticate));
+    let probes = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+        .with_state(state.ops.clone());
+    Router::new()
+        .nest("/fhir", fhir)
         // Bodies are bounded by our own reader (413 with an OperationOutcome), not axum's default.
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn(ops::observe))
         .with_state(state)
+        .merge(probes)
+        .layer(axum::middleware::from_fn(ops::observe))
 }

@@ -40,9 +40,20 @@ pub fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
-pub fn event(correlation_id: &str, mode: WriteMode, changes: Vec<ResourceChange>) -> ResourceChanged {
+/// A write event; the envelope names the authenticated client.
+pub fn event(
+    correlation_id: &str,
+    client_id: Option<&str>,
+    mode: WriteMode,
+    changes: Vec<ResourceChange>,
+) -> ResourceChanged {
     ResourceChanged {
-        envelope: Envelope::new(ResourceChanged::EVENT_TYPE, 1, correlation_id.to_string(), None),
+        envelope: Envelope::new(
+            ResourceChanged::EVENT_TYPE,
+            1,
+            correlation_id.to_string(),
+            client_id.map(str::to_string),
+        ),
         mode,
         changes,
     }
@@ -134,9 +145,11 @@ pub fn pending_response(state: &SharedState, headers: &HeaderMap, event_id: &str
 /// `GET /fhir/_writes/{event_id}`: 200 with the outcome once recorded, 202 while pending.
 pub async fn write_status(
     State(state): State<SharedState>,
+    caller: crate::access::Caller,
     headers: HeaderMap,
     Path(event_id): Path<String>,
 ) -> Result<Response, ApiError> {
+    caller.authorize_write_status()?;
     if uuid::Uuid::parse_str(&event_id).is_err() {
         return Err(ApiError::bad_request(format!("'{event_id}' is not a write id")));
     }

@@ -117,3 +117,40 @@ impl ResourceChanged {
         }
     }
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuditOutcome {
+    Success,
+    Failure,
+}
+
+/// An audit record: a token issued or refused, or a FHIR data access.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecorded {
+    pub envelope: Envelope,
+    pub action: String,
+    pub outcome: AuditOutcome,
+    pub http_status: Option<i32>,
+    pub client_id: Option<String>,
+    pub subject: Option<String>,
+    pub patient: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub request: Option<String>,
+    pub scope: Option<String>,
+    pub detail: String,
+}
+
+impl AuditRecorded {
+    pub const EVENT_TYPE: &'static str = "AuditRecorded";
+
+    /// Keyed by the patient whose data it concerns, else by the client.
+    pub fn key(&self) -> String {
+        match (&self.patient, &self.client_id) {
+            (Some(p), _) => format!("Patient/{p}"),
+            (None, Some(c)) => format!("client/{c}"),
+            (None, None) => "anonymous".into(),
+        }
+    }
+}

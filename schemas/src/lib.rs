@@ -2,13 +2,14 @@
 //! describe, topic names and keys, the Confluent wire framing, and FHIR OperationOutcome builders.
 //! Nothing here does IO, so every crate can depend on it cheaply.
 
+pub mod compartment;
 pub mod events;
 pub mod outcome;
 pub mod registry;
 pub mod topics;
 pub mod wire;
 
-pub use events::{ChangeAction, Envelope, ResourceChange, ResourceChanged, WriteMode};
+pub use events::{AuditOutcome, AuditRecorded, ChangeAction, Envelope, ResourceChange, ResourceChanged, WriteMode};
 pub use outcome::{IssueSeverity, IssueType, OperationOutcome};
 pub use registry::{decode_event, encode_event, Event, SchemaInfo, SCHEMAS};
 

@@ -41,13 +41,16 @@ impl SchemaInfo {
 
 /// Every schema version ever published, oldest first within a name. Never remove or edit an
 /// entry: add a new version with defaults for its new fields.
-pub static SCHEMAS: [SchemaInfo; 1] = [SchemaInfo::new(
-    101,
-    "ResourceChanged",
-    1,
-    "resource-changed/v1.avsc",
-    include_str!("../avro/resource-changed/v1.avsc"),
-)];
+pub static SCHEMAS: [SchemaInfo; 2] = [
+    SchemaInfo::new(
+        101,
+        "ResourceChanged",
+        1,
+        "resource-changed/v1.avsc",
+        include_str!("../avro/resource-changed/v1.avsc"),
+    ),
+    SchemaInfo::new(201, "AuditRecorded", 1, "audit-recorded/v1.avsc", include_str!("../avro/audit-recorded/v1.avsc")),
+];
 
 pub fn by_id(id: u32) -> Option<&'static SchemaInfo> {
     SCHEMAS.iter().find(|s| s.id == id)
@@ -65,6 +68,10 @@ pub trait Event: Serialize + DeserializeOwned {
 
 impl Event for ResourceChanged {
     const NAME: &'static str = ResourceChanged::EVENT_TYPE;
+}
+
+impl Event for crate::events::AuditRecorded {
+    const NAME: &'static str = crate::events::AuditRecorded::EVENT_TYPE;
 }
 
 /// Encodes with the newest schema of `E`, framed the Confluent way.
@@ -198,6 +205,42 @@ mod tests {
         assert_eq!(name, "ResourceChanged");
         assert_eq!(json["changes"][1]["action"], "DELETE");
         assert_eq!(json["envelope"]["client_id"], "client-a");
+    }
+
+    /// Each `.avsc` is self-contained (outside consumers load one file), so the envelope is
+    /// repeated in each: it must be the same record everywhere.
+    #[test]
+    fn every_schema_carries_the_same_envelope() {
+        let envelope = |s: &SchemaInfo| {
+            let v: serde_json::Value = serde_json::from_str(s.avsc).expect("json");
+            v["fields"][0].clone()
+        };
+        let first = envelope(&SCHEMAS[0]);
+        assert_eq!(first["name"], "envelope");
+        for s in &SCHEMAS {
+            assert_eq!(envelope(s), first, "{} has a different envelope", s.file);
+        }
+    }
+
+    #[test]
+    fn audit_round_trip() {
+        let ev = crate::events::AuditRecorded {
+            envelope: Envelope::new("AuditRecorded", 1, "c".into(), Some("app".into())),
+            action: "fhir.read".into(),
+            outcome: crate::events::AuditOutcome::Failure,
+            http_status: Some(403),
+            client_id: Some("app".into()),
+            subject: None,
+            patient: Some("p1".into()),
+            resource_type: Some("Patient".into()),
+            resource_id: Some("p2".into()),
+            request: Some("GET /fhir/Patient/p2".into()),
+            scope: Some("patient/*.rs".into()),
+            detail: "outside the patient compartment".into(),
+        };
+        let bytes = encode_event(&ev).expect("encode");
+        assert_eq!(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]), 201);
+        assert_eq!(decode_event::<crate::events::AuditRecorded>(&bytes).expect("decode"), ev);
     }
 
     #[test]

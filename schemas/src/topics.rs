@@ -10,6 +10,10 @@ pub const FHIR_CHANGES: &str = "fhir.changes";
 /// Dead letters of the validate processor: the original value, with the reason in headers.
 pub const VALIDATE_DLQ: &str = "fhir.submissions.dlq";
 
+/// Audit records (`AuditRecorded`): tokens issued or refused, every FHIR data access. Key: the
+/// patient (`Patient/{id}`) when there is one, else `client/{client_id}`.
+pub const AUDIT: &str = "audit";
+
 /// Every topic payerx creates at start-up, with its value schema name (DLQs carry the value of
 /// their input topic).
 pub const ALL: &[(&str, &str)] =

@@ -352,7 +352,12 @@ async fn bad_input_gets_operation_outcomes(h: Harness) {
     assert_eq!(codes, ["read", "vread", "history-instance", "update", "create", "delete"]);
     assert_eq!(h.get("/healthz").await.status(), 200);
     assert_eq!(h.get("/readyz").await.status(), 200);
-    let metrics = h.get("/metrics").await.text().await.unwrap();
+    assert_eq!(h.put("/fhir/Patient/ok", &patient("ok", "A")).await.status(), 201);
+    // Metrics live on the admin listener only.
+    assert_eq!(h.get("/metrics").await.status(), 404);
+    let admin = format!("http://{}", h.app().admin_addr);
+    assert_eq!(h.client.get(format!("{admin}/readyz")).send().await.unwrap().status(), 200);
+    let metrics = h.client.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("payerx_http_request_duration_seconds"), "{metrics}");
     assert!(metrics.contains("payerx_events_appended_total"));
     h.stop().await;

@@ -1,0 +1,289 @@
+//! Who is calling, and what they may see. Every FHIR request except the open ones
+//! (`/fhir/metadata`, `/fhir/.well-known/smart-configuration`) carries a bearer token; the
+//! verified caller's SMART scopes decide which interactions it may use on which types, and a
+//! patient (or member-user) token sees only its patient's compartment: anything else is answered
+//! as if it did not exist.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use schemas::IssueType;
+use serde_json::Value;
+
+use crate::audit::AuditEntry;
+use crate::error::ApiError;
+use crate::SharedState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interaction {
+    Create,
+    Read,
+    Update,
+    Delete,
+    Search,
+}
+
+/// The SMART scope context that grants an interaction, broadest last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ScopeContext {
+    Patient,
+    User,
+    System,
+}
+
+/// A token's granted scopes, as the resource server needs them.
+pub trait Grants: Send + Sync {
+    /// The contexts in which the scopes allow `interaction` on `resource_type`.
+    fn contexts_allowing(&self, resource_type: &str, interaction: Interaction) -> Vec<ScopeContext>;
+    /// Whether any scope is in this context (e.g. a backend client's `system/…`).
+    fn has_context(&self, context: ScopeContext) -> bool;
+}
+
+/// A verified caller.
+#[derive(Clone)]
+pub struct Principal {
+    pub client_id: String,
+    pub subject: Option<String>,
+    /// Patient in context (patient launch).
+    pub patient: Option<String>,
+    /// `Patient/123` for a member login.
+    pub fhir_user: Option<String>,
+    /// The granted scopes as text (for audit).
+    pub scope: String,
+    pub grants: Arc<dyn Grants>,
+}
+
+/// Why a token was not accepted (the message goes into `WWW-Authenticate` and the outcome).
+#[derive(Debug, Clone)]
+pub struct Rejected(pub String);
+
+#[async_trait]
+pub trait TokenVerifier: Send + Sync {
+    async fn verify(&self, bearer: &str) -> Result<Principal, Rejected>;
+}
+
+/// The caller of a request, as handlers see it.
+#[derive(Clone)]
+pub enum Caller {
+    /// `--insecure-no-auth`: everything is allowed.
+    Open,
+    Token(Arc<Principal>),
+}
+
+/// What a caller may see of a type after authorization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visibility {
+    All,
+    /// Only resources in this patient's compartment (plus types outside any compartment).
+    Compartment(String),
+}
+
+impl Visibility {
+    /// Whether a stored resource may be shown.
+    pub fn allows(&self, resource: &Value) -> bool {
+        match self {
+            Visibility::All => true,
+            Visibility::Compartment(pid) => {
+                let rtype = resource.get("resourceType").and_then(Value::as_str).unwrap_or("");
+                // Organizations, practitioners, … are not patient data: a member's app needs
+                // them to show its claims.
+                !schemas::compartment::has_patient_compartment(rtype)
+                    || schemas::compartment::in_patient_compartment(resource, pid)
+            }
+        }
+    }
+
+    pub fn allows_json(&self, content: Option<&str>) -> bool {
+        match (self, content) {
+            (Visibility::All, _) => true,
+            (_, None) => false,
+            (_, Some(c)) => serde_json::from_str::<Value>(c).map(|v| self.allows(&v)).unwrap_or(false),
+        }
+    }
+}
+
+fn forbidden(msg: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, IssueType::Forbidden, msg)
+}
+
+impl Caller {
+    pub fn client_id(&self) -> Option<&str> {
+        match self {
+            Caller::Open => None,
+            Caller::Token(p) => Some(&p.client_id),
+        }
+    }
+
+    /// May this caller use `interaction` on `rtype`, and on which resources?
+    pub fn authorize(&self, rtype: &str, interaction: Interaction) -> Result<Visibility, ApiError> {
+        let p = match self {
+            Caller::Open => return Ok(Visibility::All),
+            Caller::Token(p) => p,
+        };
+        let contexts = p.grants.contexts_allowing(rtype, interaction);
+        let verb = format!("{interaction:?}").to_lowercase();
+        match contexts.iter().max() {
+            None => Err(forbidden(format!("the token's scopes do not allow {verb} on {rtype} (granted: {})", p.scope))),
+            Some(ScopeContext::System) => Ok(Visibility::All),
+            Some(ScopeContext::User) => {
+                match p.fhir_user.as_deref().and_then(schemas::compartment::patient_id_of_reference) {
+                    Some(pid) => Ok(Visibility::Compartment(pid.to_string())),
+                    None => Err(forbidden(
+                        "user scopes need a member login (fhirUser Patient/…) to know whose data to show".into(),
+                    )),
+                }
+            }
+            Some(ScopeContext::Patient) => match &p.patient {
+                Some(pid) => Ok(Visibility::Compartment(pid.clone())),
+                None => Err(forbidden("patient scopes need a patient in context (launch/patient)".into())),
+            },
+        }
+    }
+
+    /// Writes to the payer feed are for backend systems: `system/` scopes only.
+    pub fn authorize_write(&self, rtype: &str, interaction: Interaction) -> Result<(), ApiError> {
+        let p = match self {
+            Caller::Open => return Ok(()),
+            Caller::Token(p) => p,
+        };
+        if p.grants.contexts_allowing(rtype, interaction).contains(&ScopeContext::System) {
+            Ok(())
+        } else {
+            let verb = format!("{interaction:?}").to_lowercase();
+            Err(forbidden(format!(
+                "{verb} on {rtype} needs a system scope (system/{rtype}.write or system/{rtype}.cud); granted: {}",
+                p.scope
+            )))
+        }
+    }
+}
+
+impl Caller {
+    /// Write status links are for the backend systems that write.
+    pub fn authorize_write_status(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Open => Ok(()),
+            Caller::Token(p) if p.grants.has_context(ScopeContext::System) => Ok(()),
+            Caller::Token(_) => Err(forbidden("write status is for backend clients with system scopes".into())),
+        }
+    }
+}
+
+impl FromRequestParts<SharedState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, Self::Rejection> {
+        if state.verifier.is_none() {
+            return Ok(Caller::Open);
+        }
+        parts
+            .extensions
+            .get::<Arc<Principal>>()
+            .cloned()
+            .map(Caller::Token)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, IssueType::Login, "no verified bearer token"))
+    }
+}
+
+/// Paths under `/fhir` that need no token.
+fn is_open(path: &str) -> bool {
+    matches!(path, "/fhir/metadata" | "/fhir/.well-known/smart-configuration")
+}
+
+fn unauthorized(reason: &str) -> Response {
+    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, IssueType::Login, reason.to_string()).into_response();
+    let challenge =
+        format!("Bearer realm=\"payerx\", error=\"invalid_token\", error_description=\"{}\"", reason.replace('"', "'"));
+    let value =
+        HeaderValue::from_str(&challenge).unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"payerx\""));
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+    resp
+}
+
+/// `fhir.read`, `fhir.update`, … from the method and path, with the type and id touched.
+fn describe(method: &axum::http::Method, path: &str) -> (String, Option<String>, Option<String>) {
+    let segs: Vec<&str> = path.trim_start_matches("/fhir").split('/').filter(|s| !s.is_empty()).collect();
+    let action = match (method.as_str(), segs.as_slice()) {
+        ("GET", [t, ..]) if t.starts_with('_') => "fhir.write-status",
+        ("GET", [_, _, "_history", _]) => "fhir.vread",
+        ("GET", [_, _, "_history"]) => "fhir.history",
+        ("GET", [_, _]) => "fhir.read",
+        ("GET", [_]) => "fhir.search",
+        ("PUT", _) => "fhir.update",
+        ("POST", []) => "fhir.bundle",
+        ("POST", _) => "fhir.create",
+        ("DELETE", _) => "fhir.delete",
+        _ => "fhir.other",
+    };
+    let rtype = segs.first().filter(|t| !t.starts_with('_')).map(|s| s.to_string());
+    let id = segs.get(1).map(|s| s.to_string());
+    (action.to_string(), rtype, id)
+}
+
+/// Authenticates every FHIR request (except the open ones) and audits it with its outcome.
+pub async fn authenticate(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let Some(verifier) = state.verifier.clone() else {
+        return next.run(req).await;
+    };
+    if is_open(&path) {
+        return next.run(req).await;
+    }
+    let (action, rtype, id) = describe(req.method(), &path);
+    let request = format!("{} {path}", req.method());
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(|t| t.trim().to_string());
+    let principal = match bearer {
+        None => Err(Rejected("a bearer token is required".into())),
+        Some(t) => verifier.verify(&t).await,
+    };
+    let principal = match principal {
+        Ok(p) => Arc::new(p),
+        Err(Rejected(reason)) => {
+            state
+                .audit
+                .record(AuditEntry {
+                    action: "access.denied".into(),
+                    success: false,
+                    http_status: Some(401),
+                    resource_type: rtype,
+                    resource_id: id,
+                    request: Some(request),
+                    detail: reason.clone(),
+                    ..Default::default()
+                })
+                .await;
+            return unauthorized(&reason);
+        }
+    };
+    req.extensions_mut().insert(principal.clone());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    state
+        .audit
+        .record(AuditEntry {
+            action,
+            success: status < 400,
+            http_status: Some(status),
+            client_id: Some(principal.client_id.clone()),
+            subject: principal.subject.clone(),
+            patient: principal.patient.clone(),
+            resource_type: rtype,
+            resource_id: id,
+            request: Some(request),
+            scope: Some(principal.scope.clone()),
+            detail: String::new(),
+            correlation_id: None,
+        })
+        .await;
+    resp
+}
