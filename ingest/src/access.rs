@@ -287,3 +287,102 @@ pub async fn authenticate(State(state): State<SharedState>, mut req: Request, ne
         .await;
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    /// Grants from a list of (context, type or "*", interactions).
+    struct Fixed(Vec<(ScopeContext, &'static str, Vec<Interaction>)>);
+
+    impl Grants for Fixed {
+        fn contexts_allowing(&self, rtype: &str, i: Interaction) -> Vec<ScopeContext> {
+            self.0
+                .iter()
+                .filter(|(_, t, is)| (*t == "*" || *t == rtype) && is.contains(&i))
+                .map(|(c, _, _)| *c)
+                .collect()
+        }
+        fn has_context(&self, c: ScopeContext) -> bool {
+            self.0.iter().any(|(x, _, _)| *x == c)
+        }
+    }
+
+    fn caller(grants: Fixed, patient: Option<&str>, fhir_user: Option<&str>) -> Caller {
+        Caller::Token(Arc::new(Principal {
+            client_id: "app".into(),
+            subject: None,
+            patient: patient.map(str::to_string),
+            fhir_user: fhir_user.map(str::to_string),
+            scope: "test".into(),
+            grants: Arc::new(grants),
+        }))
+    }
+
+    #[test]
+    fn patient_scopes_see_only_their_compartment() {
+        let c = caller(Fixed(vec![(ScopeContext::Patient, "*", vec![Interaction::Read])]), Some("p1"), None);
+        let vis = c.authorize("ExplanationOfBenefit", Interaction::Read).unwrap();
+        assert_eq!(vis, Visibility::Compartment("p1".into()));
+        assert!(vis.allows(&json!({"resourceType": "ExplanationOfBenefit", "patient": {"reference": "Patient/p1"}})));
+        assert!(!vis.allows(&json!({"resourceType": "ExplanationOfBenefit", "patient": {"reference": "Patient/p2"}})));
+        assert!(vis.allows(&json!({"resourceType": "Patient", "id": "p1"})));
+        assert!(!vis.allows(&json!({"resourceType": "Patient", "id": "p2"})));
+        // Not patient data: visible, a member's app needs the payer Organization of its claims.
+        assert!(vis.allows(&json!({"resourceType": "Organization", "id": "payer"})));
+        assert!(!vis.allows_json(None), "a deletion marker is not shown to a compartment reader");
+        assert_eq!(c.authorize("Patient", Interaction::Delete).unwrap_err().status, StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn patient_scopes_without_a_patient_are_refused() {
+        let c = caller(Fixed(vec![(ScopeContext::Patient, "*", vec![Interaction::Read])]), None, None);
+        assert_eq!(c.authorize("Coverage", Interaction::Read).unwrap_err().status, StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn user_scopes_follow_the_members_fhir_user() {
+        let c =
+            caller(Fixed(vec![(ScopeContext::User, "Coverage", vec![Interaction::Read])]), None, Some("Patient/m1"));
+        assert_eq!(c.authorize("Coverage", Interaction::Read).unwrap(), Visibility::Compartment("m1".into()));
+        let c = caller(
+            Fixed(vec![(ScopeContext::User, "Coverage", vec![Interaction::Read])]),
+            None,
+            Some("Practitioner/x"),
+        );
+        assert!(c.authorize("Coverage", Interaction::Read).is_err());
+    }
+
+    #[test]
+    fn system_scopes_see_everything_and_only_they_write() {
+        let both = Fixed(vec![
+            (ScopeContext::Patient, "*", vec![Interaction::Read, Interaction::Update]),
+            (ScopeContext::System, "Patient", vec![Interaction::Read, Interaction::Update]),
+        ]);
+        let c = caller(both, Some("p1"), None);
+        assert_eq!(c.authorize("Patient", Interaction::Read).unwrap(), Visibility::All, "the broadest context wins");
+        assert!(c.authorize_write("Patient", Interaction::Update).is_ok());
+        assert!(
+            c.authorize_write("Coverage", Interaction::Update).is_err(),
+            "patient/*.write does not feed the payer data"
+        );
+        assert!(c.authorize_write_status().is_ok());
+        let patient_only =
+            caller(Fixed(vec![(ScopeContext::Patient, "*", vec![Interaction::Update])]), Some("p1"), None);
+        assert!(patient_only.authorize_write_status().is_err());
+        assert!(Caller::Open.authorize_write("Anything", Interaction::Delete).is_ok());
+    }
+
+    #[test]
+    fn actions_are_named_from_the_route() {
+        let get = axum::http::Method::GET;
+        assert_eq!(describe(&get, "/fhir/Patient/1").0, "fhir.read");
+        assert_eq!(describe(&get, "/fhir/Patient/1/_history/2").0, "fhir.vread");
+        assert_eq!(describe(&get, "/fhir/Patient/1/_history").0, "fhir.history");
+        assert_eq!(describe(&axum::http::Method::POST, "/fhir").0, "fhir.bundle");
+        let (a, t, id) = describe(&axum::http::Method::PUT, "/fhir/Coverage/c1");
+        assert_eq!((a.as_str(), t.as_deref(), id.as_deref()), ("fhir.update", Some("Coverage"), Some("c1")));
+    }
+}
