@@ -384,8 +384,14 @@ async fn load(run: &Run) -> anyhow::Result<(Phase, Phase)> {
     let result = async {
         let store = app.store.clone().context("payerx started without its views")?;
         let before = visible(&store).await?;
-        let load_args =
-            LoadArgs { backend: backend.clone(), path: path.clone(), chunk: CHUNK, show_rejects: 20, quiet: true };
+        let load_args = LoadArgs {
+            backend: backend.clone(),
+            path: path.clone(),
+            chunk: CHUNK,
+            show_rejects: 20,
+            quiet: true,
+            workers: None,
+        };
         eprintln!("bench: load: {n} resources ({:.1} MB of NDJSON) through payerx load", bytes as f64 / 1e6);
         run.reset_rss();
         let start = Instant::now();
@@ -534,7 +540,8 @@ async fn load_alone(run: &Run) -> anyhow::Result<Phase> {
             .context("writing the NDJSON input")?
     };
     let log = backend.open_log().await?;
-    let load_args = LoadArgs { backend: backend.clone(), path, chunk: CHUNK, show_rejects: 20, quiet: true };
+    let load_args =
+        LoadArgs { backend: backend.clone(), path, chunk: CHUNK, show_rejects: 20, quiet: true, workers: None };
     eprintln!("bench: stages: payerx load with nothing else running");
     run.reset_rss();
     let start = Instant::now();
@@ -751,9 +758,9 @@ async fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     eprintln!("bench: ingest on {label}, {cpus} CPUs, run {}", run.id);
 
-    // Order matters only for cumulative RSS: each phase has state of its own.
-    let floor = floor(&run).await.context("floor phase")?;
-    eprintln!("bench: floor: {:.0} resources/s", floor.resources_per_s);
+    // Each phase has state of its own; the order only matters for memory. The floor holds every
+    // encoded record at once and the allocator keeps what is freed, so it runs last and does not
+    // inflate the peak RSS of the phases that measure payerx.
     let (load_ack, load_vis) = load(&run).await.context("load phase")?;
     eprintln!(
         "bench: load: {:.0} resources/s acknowledged, {:.0} visible",
@@ -766,7 +773,6 @@ async fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-
     let mut stage_phases = Vec::new();
     let mut cpu = Vec::new();
     if args.stages {
@@ -777,6 +783,8 @@ async fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
         eprintln!("bench: stages: CPU per resource over {k} resources, one thread");
         cpu = tokio::task::spawn_blocking(move || cpu_steps(k, seed)).await??;
     }
+    let floor = floor(&run).await.context("floor phase")?;
+    eprintln!("bench: floor: {:.0} resources/s", floor.resources_per_s);
 
     let f = floor.resources_per_s;
     let ratio = |p: &Phase| p.resources_per_s / f;
@@ -838,7 +846,7 @@ async fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
         }
         let _ = writeln!(
             out,
-            "notes: peak RSS is the process-wide VmHWM {} (it includes the bench's own inputs: the floor holds every encoded record in memory); \
+            "notes: peak RSS is the process-wide VmHWM {} (it includes the bench's own inputs, and memory the allocator kept from earlier phases; the floor holds every encoded record, so it runs last); \
              load visible = from load start until the view shows all; http latency = request until the write is visible (payerx answers after the view has it), client on the same machine.",
             if run.rss_per_phase { "reset at the start of each phase" } else { "since process start (cumulative: the kernel refused a reset)" }
         );

@@ -25,6 +25,9 @@ pub struct LoadArgs {
     /// Events per append (one durable commit each).
     #[arg(long, default_value_t = 1000)]
     pub chunk: usize,
+    /// Threads that parse and validate (default: one per CPU).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Print at most this many rejected lines in full.
     #[arg(long, default_value_t = 20)]
     pub show_rejects: usize,
@@ -67,11 +70,15 @@ fn files_under(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn upsert(mut resource: Value, correlation: &str) -> Result<ResourceChanged, OperationOutcome> {
+/// `raw` is the resource's own text when it is used unchanged (it has an id): kept as it is
+/// rather than serialized again.
+fn upsert(mut resource: Value, raw: Option<&str>, correlation: &str) -> Result<ResourceChanged, OperationOutcome> {
     let rtype = resource.get("resourceType").and_then(Value::as_str).unwrap_or("").to_string();
+    let mut raw = raw;
     let id = match resource.get("id").and_then(Value::as_str) {
         Some(id) => id.to_string(),
         None => {
+            raw = None;
             // Like POST: payerx assigns the id.
             let id = uuid::Uuid::new_v4().to_string();
             resource["id"] = Value::String(id.clone());
@@ -87,7 +94,8 @@ fn upsert(mut resource: Value, correlation: &str) -> Result<ResourceChanged, Ope
         created: false,
     };
     processors::validate_processor::check_resource(&resource, &change.resource_type, &change.resource_id, None)?;
-    let change = ResourceChange { resource: Some(resource.to_string()), ..change };
+    let text = raw.map_or_else(|| resource.to_string(), str::to_string);
+    let change = ResourceChange { resource: Some(text), ..change };
     Ok(ResourceChanged {
         envelope: Envelope::new(ResourceChanged::EVENT_TYPE, 1, correlation.to_string(), Some("payerx-load".into())),
         mode: WriteMode::BatchEntry,
@@ -96,11 +104,11 @@ fn upsert(mut resource: Value, correlation: &str) -> Result<ResourceChanged, Ope
 }
 
 /// Items of one parsed JSON document: a resource, or the entries of a Bundle.
-fn items_of(doc: Value, origin: &str, correlation: &str) -> Vec<Item> {
+fn items_of(doc: Value, raw: Option<&str>, origin: &str, correlation: &str) -> Vec<Item> {
     let is_bundle = doc.get("resourceType").and_then(Value::as_str) == Some("Bundle");
     let kind = doc.get("type").and_then(Value::as_str).unwrap_or("").to_string();
     if !is_bundle || !matches!(kind.as_str(), "batch" | "transaction" | "collection" | "searchset") {
-        return vec![match upsert(doc, correlation) {
+        return vec![match upsert(doc, raw, correlation) {
             Ok(e) => Item::Event(e),
             Err(oo) => Item::Rejected(origin.to_string(), oo),
         }];
@@ -112,7 +120,7 @@ fn items_of(doc: Value, origin: &str, correlation: &str) -> Vec<Item> {
             let Some(resource) = e.get("resource").cloned() else {
                 continue;
             };
-            match upsert(resource, correlation) {
+            match upsert(resource, None, correlation) {
                 Ok(ev) => changes.extend(ev.changes),
                 Err(oo) => {
                     let at = format!("{origin} entry {i}");
@@ -135,23 +143,28 @@ fn items_of(doc: Value, origin: &str, correlation: &str) -> Vec<Item> {
         .into_iter()
         .enumerate()
         .filter_map(|(i, e)| e.get("resource").cloned().map(|r| (i, r)))
-        .map(|(i, r)| match upsert(r, correlation) {
+        .map(|(i, r)| match upsert(r, None, correlation) {
             Ok(e) => Item::Event(e),
             Err(oo) => Item::Rejected(format!("{origin} entry {i}"), oo),
         })
         .collect()
 }
 
-/// Reads every file and sends items in chunks; runs on a blocking thread.
+/// Input as read, before any parsing of NDJSON lines (that happens on the workers).
+enum Raw {
+    Line { origin: String, text: String },
+    Document { origin: String, doc: Result<Value, String> },
+}
+
+/// Reads every file and sends its input in chunks; runs on a blocking thread.
 fn read_all(
     files: Vec<PathBuf>,
     chunk: usize,
-    tx: tokio::sync::mpsc::Sender<Vec<Item>>,
+    tx: tokio::sync::mpsc::Sender<Vec<Raw>>,
     bar: ProgressBar,
 ) -> anyhow::Result<()> {
-    let correlation = uuid::Uuid::now_v7().to_string();
     let mut buf = Vec::with_capacity(chunk);
-    let send = |buf: &mut Vec<Item>| -> anyhow::Result<()> {
+    let send = |buf: &mut Vec<Raw>| -> anyhow::Result<()> {
         if !buf.is_empty() {
             tx.blocking_send(std::mem::take(buf)).map_err(|_| anyhow::anyhow!("appender stopped"))?;
         }
@@ -168,38 +181,66 @@ fn read_all(
                 if line.trim().is_empty() {
                     continue;
                 }
-                let origin = format!("{name}:{}", n + 1);
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(doc) => buf.extend(items_of(doc, &origin, &correlation)),
-                    Err(e) => buf.push(Item::Rejected(
-                        origin,
-                        OperationOutcome::error(schemas::IssueType::Structure, format!("not valid JSON: {e}")),
-                    )),
-                }
+                buf.push(Raw::Line { origin: format!("{name}:{}", n + 1), text: line });
                 if buf.len() >= chunk {
                     send(&mut buf)?;
                 }
             }
         } else {
+            // A Bundle file is one JSON document: parsed whole (bounded by the file).
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            match serde_json::from_reader::<_, Value>(BufReader::new(file)) {
-                Ok(doc) => buf.extend(items_of(doc, &name, &correlation)),
-                Err(e) => buf.push(Item::Rejected(
-                    name,
-                    OperationOutcome::error(schemas::IssueType::Structure, format!("not valid JSON: {e}")),
-                )),
-            }
+            let doc = serde_json::from_reader::<_, Value>(BufReader::new(file)).map_err(|e| e.to_string());
+            buf.push(Raw::Document { origin: name, doc });
             bar.inc(len);
-            if buf.len() >= chunk {
-                send(&mut buf)?;
-            }
+            send(&mut buf)?;
         }
     }
     send(&mut buf)
 }
 
+/// Parses, checks and encodes one chunk: the appendable records and the rejections.
+fn prepare(chunk: Vec<Raw>, correlation: &str, topic: &str) -> (Vec<Record>, Vec<(String, OperationOutcome)>) {
+    let mut records = Vec::with_capacity(chunk.len());
+    let mut rejected = Vec::new();
+    let not_json = |e: String| OperationOutcome::error(schemas::IssueType::Structure, format!("not valid JSON: {e}"));
+    for raw in chunk {
+        let items = match raw {
+            Raw::Line { origin, text } => match serde_json::from_str::<Value>(&text) {
+                Ok(doc) => items_of(doc, Some(text.trim()), &origin, correlation),
+                Err(e) => vec![Item::Rejected(origin, not_json(e.to_string()))],
+            },
+            Raw::Document { origin, doc: Ok(doc) } => items_of(doc, None, &origin, correlation),
+            Raw::Document { origin, doc: Err(e) } => vec![Item::Rejected(origin, not_json(e))],
+        };
+        for item in items {
+            match item {
+                Item::Event(ev) => match schemas::encode_event(&ev) {
+                    Ok(value) => records.push(
+                        Record::new(topic.to_string(), ev.key(), value)
+                            .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
+                            .header(headers::EVENT_ID, ev.envelope.event_id.clone())
+                            .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone()),
+                    ),
+                    Err(e) => rejected.push((
+                        ev.key(),
+                        OperationOutcome::error(schemas::IssueType::Exception, format!("cannot encode: {e}")),
+                    )),
+                },
+                Item::Rejected(origin, oo) => rejected.push((origin, oo)),
+            }
+        }
+    }
+    (records, rejected)
+}
+
 /// Loads `args.path` into `log`. Rejected items are reported on stderr (the first few in full).
+///
+/// Reading, checking and appending overlap: one thread reads, `--workers` threads parse and
+/// validate chunks, and appends are committed in input order (so two versions of a resource in
+/// one file keep their order), two in flight.
 pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<LoadReport> {
+    use futures::StreamExt;
+
     let files = files_under(&args.path)?;
     let total: u64 = files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total) };
@@ -210,35 +251,29 @@ pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<Loa
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let topic = topics::full(&args.backend.topic_prefix, topics::FHIR_SUBMISSIONS);
+    let correlation = uuid::Uuid::now_v7().to_string();
     let mut report = LoadReport { files: files.len() as u64, ..Default::default() };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Item>>(4);
+    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Raw>>(workers * 2);
     let reader = {
         let bar = bar.clone();
         let chunk = args.chunk.max(1);
         tokio::task::spawn_blocking(move || read_all(files, chunk, tx, bar))
     };
-    // Two appends in flight: one committing while the next is being prepared.
+    let mut prepared = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        .map(|chunk| {
+            let (corr, topic) = (correlation.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || prepare(chunk, &corr, &topic))
+        })
+        .buffered(workers);
     let mut inflight: std::collections::VecDeque<tokio::task::JoinHandle<Result<usize, runtime::LogError>>> =
         Default::default();
-    while let Some(items) = rx.recv().await {
-        let mut records = Vec::with_capacity(items.len());
-        for item in items {
-            match item {
-                Item::Event(ev) => {
-                    let value = schemas::encode_event(&ev)?;
-                    records.push(
-                        Record::new(topic.clone(), ev.key(), value)
-                            .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
-                            .header(headers::EVENT_ID, ev.envelope.event_id.clone())
-                            .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone()),
-                    );
-                }
-                Item::Rejected(origin, oo) => {
-                    report.rejected += 1;
-                    if report.rejected <= args.show_rejects as u64 {
-                        bar.suspend(|| eprintln!("rejected {origin}: {}", oo.summary()));
-                    }
-                }
+    while let Some(done) = prepared.next().await {
+        let (records, rejected) = done?;
+        for (origin, oo) in rejected {
+            report.rejected += 1;
+            if report.rejected <= args.show_rejects as u64 {
+                bar.suspend(|| eprintln!("rejected {origin}: {}", oo.summary()));
             }
         }
         let log = log.clone();

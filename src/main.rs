@@ -1,6 +1,9 @@
 //! The payerx binary: `serve`, `load`, `events`, `replay`, `bench`.
 
 use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

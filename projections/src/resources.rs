@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use runtime::Consumed;
 use schemas::topics::{self, headers};
 use schemas::{ChangeAction, IssueType, OperationOutcome, ResourceChanged, WriteMode};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::{Any, Row, Transaction};
 
@@ -67,19 +68,69 @@ struct VersionRow {
 
 type Key = (String, String);
 
-/// Sets `meta.versionId` and `meta.lastUpdated`, keeping the rest of `meta`.
+/// The members of a JSON object with their values left unparsed: a resource is stamped without
+/// building (and re-serializing) its whole tree.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Members<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Members<'a>, M::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                    out.push((k, v));
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// Sets `meta.versionId` and `meta.lastUpdated`, keeping the rest of `meta` and every other
+/// member as it was (only `meta` is parsed).
 fn stamp(resource: &str, version_id: i64, last_updated: &str) -> Result<String, String> {
-    let mut v: Value = serde_json::from_str(resource).map_err(|e| e.to_string())?;
-    let obj = v.as_object_mut().ok_or("resource is not a JSON object")?;
-    let meta = obj.entry("meta").or_insert_with(|| Value::Object(Default::default()));
-    if !meta.is_object() {
-        *meta = Value::Object(Default::default());
+    let members: Members = serde_json::from_str(resource).map_err(|e| e.to_string())?;
+    let mut out = String::with_capacity(resource.len() + 96);
+    let write_meta = |out: &mut String, existing: Option<&RawValue>| -> Result<(), String> {
+        let mut meta = match existing.map(|m| serde_json::from_str::<Value>(m.get())) {
+            Some(Ok(Value::Object(m))) => m,
+            _ => serde_json::Map::new(),
+        };
+        meta.insert("versionId".into(), Value::String(version_id.to_string()));
+        meta.insert("lastUpdated".into(), Value::String(last_updated.to_string()));
+        out.push_str("\"meta\":");
+        out.push_str(&serde_json::to_string(&meta).map_err(|e| e.to_string())?);
+        Ok(())
+    };
+    out.push('{');
+    let mut has_meta = false;
+    for (i, (k, v)) in members.0.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if k == "meta" {
+            has_meta = true;
+            write_meta(&mut out, Some(v))?;
+        } else {
+            out.push_str(&serde_json::to_string(k).map_err(|e| e.to_string())?);
+            out.push(':');
+            out.push_str(v.get());
+        }
     }
-    if let Some(m) = meta.as_object_mut() {
-        m.insert("versionId".into(), Value::String(version_id.to_string()));
-        m.insert("lastUpdated".into(), Value::String(last_updated.to_string()));
+    if !has_meta {
+        if !members.0.is_empty() {
+            out.push(',');
+        }
+        write_meta(&mut out, None)?;
     }
-    serde_json::to_string(&v).map_err(|e| e.to_string())
+    out.push('}');
+    Ok(out)
 }
 
 /// Decides what one write event does, against the current versions (updated in place), and
@@ -205,29 +256,42 @@ fn decide(ev: &ResourceChanged, currents: &mut HashMap<Key, Current>, rows: &mut
 /// in the prepared-statement cache.
 const CHUNK: usize = 100;
 
-/// `($1, $2, …), (…)` for `rows` rows of `cols` columns.
-fn placeholders(rows: usize, cols: usize) -> String {
-    let mut s = String::with_capacity(rows * cols * 5);
-    for r in 0..rows {
-        if r > 0 {
-            s.push_str(", ");
-        }
-        s.push('(');
-        for c in 0..cols {
-            if c > 0 {
-                s.push_str(", ");
-            }
-            s.push('$');
-            s.push_str(&(r * cols + c + 1).to_string());
-        }
-        s.push(')');
-    }
-    s
+/// Bind-parameter style. SQLite gets positional `?`: sqlx resolves every `$N` through SQLite's
+/// name lookup, which is linear per parameter and so quadratic in a multi-row statement.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Params {
+    Positional,
+    Numbered,
 }
 
-/// `$from, …` — a list of `n` placeholders starting at `$from`.
-fn list(from: usize, n: usize) -> String {
-    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+impl Params {
+    fn of(tx: &Transaction<'static, Any>) -> Params {
+        if tx.backend_name().eq_ignore_ascii_case("sqlite") {
+            Params::Positional
+        } else {
+            Params::Numbered
+        }
+    }
+
+    fn one(self, n: usize) -> String {
+        match self {
+            Params::Positional => "?".to_string(),
+            Params::Numbered => format!("${n}"),
+        }
+    }
+
+    /// `(?, ?), (?, ?)` or `($1, $2), ($3, $4)` for `rows` rows of `cols` columns.
+    fn rows(self, rows: usize, cols: usize) -> String {
+        (0..rows)
+            .map(|r| format!("({})", (0..cols).map(|c| self.one(r * cols + c + 1)).collect::<Vec<_>>().join(", ")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// A list of `n` parameters, the first being number `from`.
+    fn list(self, from: usize, n: usize) -> String {
+        (from..from + n).map(|i| self.one(i)).collect::<Vec<_>>().join(", ")
+    }
 }
 
 impl ResourceProjection {
@@ -240,7 +304,10 @@ impl ResourceProjection {
     ) -> Result<HashSet<String>, ProjectionError> {
         let mut seen = HashSet::new();
         for chunk in ids.chunks(CHUNK * 5) {
-            let sql = format!("SELECT DISTINCT event_id FROM {hist_t} WHERE event_id IN ({})", list(1, chunk.len()));
+            let sql = format!(
+                "SELECT DISTINCT event_id FROM {hist_t} WHERE event_id IN ({})",
+                Params::of(tx).list(1, chunk.len())
+            );
             let mut q = sqlx::query(&sql);
             for id in chunk {
                 q = q.bind(*id);
@@ -267,8 +334,9 @@ impl ResourceProjection {
         for (rtype, ids) in by_type {
             for chunk in ids.chunks(CHUNK * 5) {
                 let sql = format!(
-                    "SELECT id, version_id, deleted FROM {cur_t} WHERE resource_type = $1 AND id IN ({})",
-                    list(2, chunk.len())
+                    "SELECT id, version_id, deleted FROM {cur_t} WHERE resource_type = {} AND id IN ({})",
+                    Params::of(tx).one(1),
+                    Params::of(tx).list(2, chunk.len())
                 );
                 let mut q = sqlx::query(&sql).bind(rtype);
                 for id in chunk {
@@ -297,7 +365,7 @@ impl ResourceProjection {
         for chunk in rows.chunks(CHUNK) {
             let sql = format!(
                 "INSERT INTO {hist_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content, event_id, method) VALUES {}",
-                placeholders(chunk.len(), 9)
+                Params::of(tx).rows(chunk.len(), 9)
             );
             let mut q = sqlx::query(&sql);
             for r in chunk {
@@ -326,7 +394,7 @@ impl ResourceProjection {
                 "INSERT INTO {cur_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content) VALUES {}
                  ON CONFLICT (resource_type, id) DO UPDATE SET version_id = excluded.version_id, last_updated = excluded.last_updated,
                  last_updated_us = excluded.last_updated_us, deleted = excluded.deleted, content = excluded.content",
-                placeholders(chunk.len(), 7)
+                Params::of(tx).rows(chunk.len(), 7)
             );
             let mut q = sqlx::query(&sql);
             for r in chunk {
@@ -353,7 +421,7 @@ async fn record_outcomes(
     for chunk in outcomes.chunks(CHUNK) {
         let sql = format!(
             "INSERT INTO write_outcomes (event_id, status, body, recorded_us) VALUES {} ON CONFLICT (event_id) DO NOTHING",
-            placeholders(chunk.len(), 4)
+            Params::of(tx).rows(chunk.len(), 4)
         );
         let mut q = sqlx::query(&sql);
         for (id, o) in chunk {
@@ -623,5 +691,31 @@ impl ResourceStore {
             }
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::stamp;
+    use serde_json::{json, Value};
+
+    #[test]
+    fn stamps_meta_and_keeps_everything_else() {
+        let r = json!({"resourceType": "Patient", "id": "p", "meta": {"profile": ["x"], "versionId": "9"}, "name": [{"family": "O\"Neil"}]});
+        let out: Value =
+            serde_json::from_str(&stamp(&r.to_string(), 3, "2026-01-01T00:00:00.000000Z").unwrap()).unwrap();
+        assert_eq!(
+            out["meta"],
+            json!({"profile": ["x"], "versionId": "3", "lastUpdated": "2026-01-01T00:00:00.000000Z"})
+        );
+        assert_eq!(out["name"], r["name"]);
+        let keys: Vec<&String> = out.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["resourceType", "id", "meta", "name"], "member order is kept");
+        let bare: Value =
+            serde_json::from_str(&stamp(r#"{"resourceType":"Basic","id":"b"}"#, 1, "t").unwrap()).unwrap();
+        assert_eq!(bare["meta"]["versionId"], "1");
+        assert!(stamp("[1,2]", 1, "t").is_err());
+        assert!(stamp("{\"a\":", 1, "t").is_err());
     }
 }

@@ -30,7 +30,14 @@ async fn load_feeds_ndjson_and_bundles(h: Harness) {
     let collection = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": patient("coll1", "C")}]});
     std::fs::write(folder.join("nested/collection.json"), collection.to_string()).unwrap();
 
-    let args = LoadArgs { backend: h.backend.clone(), path: folder, chunk: 64, show_rejects: 0, quiet: true };
+    let args = LoadArgs {
+        backend: h.backend.clone(),
+        path: folder,
+        chunk: 64,
+        show_rejects: 0,
+        quiet: true,
+        workers: Some(3),
+    };
     let report = load_into(h.app().log.clone(), &args).await.unwrap();
     assert_eq!(report.files, 3);
     assert_eq!(report.accepted, 200 + 1 + 1, "200 patients, one transaction event, one collection entry");
