@@ -42,6 +42,8 @@ pub struct App {
     pub log: Arc<dyn Log>,
     /// The views (absent in a processors-only process, which never touches the database).
     pub store: Option<Arc<ResourceStore>>,
+    /// The authorization server (ingest role, unless `--insecure-no-auth`).
+    pub auth: Option<Arc<auth::AuthServer>>,
     pub shutdown: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -93,8 +95,28 @@ impl App {
         tasks.push(("admin-http", serve(admin, ingest::ops::admin_router(ops.clone()), shutdown.clone())));
 
         let mut addr = None;
-        if let (true, Some(store)) = (args.roles.contains(&Role::Ingest), &store) {
+        let mut auth_server = None;
+        if let (true, Some(store), Some(db)) = (args.roles.contains(&Role::Ingest), &store, &db) {
+            let listener =
+                tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+            let bound = listener.local_addr()?;
+            addr = Some(bound);
+            let base_url = args.base_url.clone().unwrap_or_else(|| format!("http://{bound}"));
             let (audit, audit_task) = AuditLog::start(log.clone(), &prefix);
+            let auth = if args.insecure_no_auth {
+                tracing::warn!(
+                    "!!! --insecure-no-auth: the FHIR API at {base_url}/fhir accepts every request WITHOUT a token. \
+                     Every caller can read and change all member data. Use only for local experiments. !!!"
+                );
+                None
+            } else {
+                let sink = Arc::new(crate::security::AuditTopic(audit.clone()));
+                Some(
+                    auth::AuthServer::new(db.clone(), args.auth_config(&base_url), sink)
+                        .await
+                        .context("starting the authorization server")?,
+                )
+            };
             let state = Arc::new(AppState {
                 log: log.clone(),
                 store: store.clone(),
@@ -103,27 +125,31 @@ impl App {
                     topic_prefix: prefix.clone(),
                     write_wait: args.write_wait(),
                     max_body_bytes: args.max_body_bytes,
-                    base_url: args.base_url.clone(),
+                    base_url: Some(base_url),
                 },
                 ops: ops.clone(),
                 audit,
-                verifier: None,
-                smart_configuration: None,
+                verifier: auth
+                    .clone()
+                    .map(|a| Arc::new(crate::security::Verifier(a)) as Arc<dyn ingest::access::TokenVerifier>),
+                smart_configuration: auth.as_ref().map(|a| a.smart_configuration()),
             });
-            let listener =
-                tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-            addr = Some(listener.local_addr()?);
-            tasks.push(("http", serve(listener, ingest::router(state), shutdown.clone())));
-            // The router holds the last AuditLog handle: once the listener stops, the appender
+            let mut router = ingest::router(state);
+            if let Some(a) = &auth {
+                router = router.merge(a.router());
+            }
+            tasks.push(("http", serve(listener, router, shutdown.clone())));
+            // The router holds the last AuditLog handles: once the listener stops, the appender
             // drains what is queued and ends.
             tasks.push((
                 "audit",
                 tokio::spawn(async move { audit_task.await.map_err(|e| anyhow::anyhow!("audit appender: {e}")) }),
             ));
+            auth_server = auth;
         }
         ready.store(true, Ordering::Release);
         tracing::info!(?addr, log = log.backend(), views = ?db.map(|d| d.backend), roles = ?args.roles, "payerx started");
-        Ok(App { addr, admin_addr, log, store, shutdown, tasks })
+        Ok(App { addr, admin_addr, log, store, auth: auth_server, shutdown, tasks })
     }
 
     /// The views' query side. Panics in a processors-only process (a programming error).
@@ -139,9 +165,13 @@ impl App {
 
     /// Stops every role: in-flight batches finish, offsets are stored, the listener closes.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
+        let App { shutdown, tasks, auth, .. } = self;
+        shutdown.cancel();
+        // The authorization server holds an audit sender: release it so the audit appender can
+        // drain and end once the listener has stopped.
+        drop(auth);
         let mut first_err = None;
-        for (name, t) in self.tasks {
+        for (name, t) in tasks {
             match t.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

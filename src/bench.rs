@@ -4,13 +4,18 @@
 //! `bench ingest` runs three phases, each on fresh state (a new temp folder on the embedded
 //! tier; new topic prefixes and resource ids on Kafka, with the same database):
 //!
-//! 1. **floor**: the same payloads, already encoded as the `ResourceChanged` events `payerx load`
-//!    makes, appended to the log alone (chunks of 1000, two in flight, like load);
-//! 2. **load**: `payerx load` of an NDJSON file into a running payerx (processors and
-//!    projections), timed to acknowledgement (every append durable) and to visibility (every
-//!    resource readable from the view);
-//! 3. **http**: `PUT /fhir/{type}/{id}` from concurrent clients; payerx answers a write once it
-//!    is visible in the view, so one request's latency is its latency to visibility.
+//! - **floor**: the same payloads, already encoded as the `ResourceChanged` events `payerx load`
+//!   makes, appended to the log alone (chunks of 1000, two in flight, like load);
+//! - **load**: `payerx load` of an NDJSON file into a running payerx (processors and
+//!   projections), timed to acknowledgement (every append durable) and to visibility (every
+//!   resource readable from the view);
+//! - **http**: `PUT /fhir/{type}/{id}` from concurrent clients; payerx answers a write once it
+//!   is visible in the view, so one request's latency is its latency to visibility.
+//!
+//! They run load, http, then floor (the floor holds every encoded record in memory, so it goes
+//! last and leaves the other phases' peak RSS alone). `--stages` adds each stage alone and the
+//! CPU cost per resource of each step, to show where the time goes. Rates are reported as
+//! ratios to the floor of the same run.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -318,6 +323,14 @@ async fn floor(run: &Run) -> anyhow::Result<Phase> {
     ))
 }
 
+/// Stops the app after a phase; the phase's own error, if any, is the one reported.
+async fn finish<T>(app: App, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    let stopped = app.stop().await;
+    let value = result?;
+    stopped.context("stopping payerx after the phase")?;
+    Ok(value)
+}
+
 /// Visible resources of the three synthetic types in the view.
 async fn visible(store: &ResourceStore) -> anyhow::Result<i64> {
     let mut sum = 0;
@@ -420,8 +433,7 @@ async fn load(run: &Run) -> anyhow::Result<(Phase, Phase)> {
         ))
     }
     .await;
-    app.stop().await?;
-    result
+    finish(app, result).await
 }
 
 async fn http(run: &Run) -> anyhow::Result<Phase> {
@@ -521,8 +533,7 @@ async fn http(run: &Run) -> anyhow::Result<Phase> {
         ))
     }
     .await;
-    app.stop().await?;
-    result
+    finish(app, result).await
 }
 
 // ---- stages alone (--stages) -------------------------------------------------------------------
@@ -587,8 +598,8 @@ async fn processor_alone(run: &Run) -> anyhow::Result<Phase> {
     }
     .await;
     let rss = peak_rss_kib();
-    app.stop().await?;
-    Ok(Phase::new("validate processor alone", n as u64, bytes, result?, None, rss))
+    let elapsed = finish(app, result).await?;
+    Ok(Phase::new("validate processor alone", n as u64, bytes, elapsed, None, rss))
 }
 
 /// The resource projection alone: change events appended beforehand, timed until the view
@@ -626,8 +637,8 @@ async fn projection_alone(run: &Run) -> anyhow::Result<Phase> {
     }
     .await;
     let rss = peak_rss_kib();
-    app.stop().await?;
-    Ok(Phase::new("resource projection alone", n as u64, bytes, result?, None, rss))
+    let elapsed = finish(app, result).await?;
+    Ok(Phase::new("resource projection alone", n as u64, bytes, elapsed, None, rss))
 }
 
 #[derive(Debug, Clone, Serialize)]

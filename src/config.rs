@@ -73,9 +73,26 @@ pub struct ServeArgs {
     /// Largest request body accepted (413 beyond).
     #[arg(long, env = "PAYERX_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Public base URL used in Location and links; taken from the Host header when unset.
+    /// Public base URL used in Location and links, and as the token audience (`{base}/fhir`)
+    /// and issuer (`{base}/auth`); `http://<listen address>` when unset.
     #[arg(long, env = "PAYERX_BASE_URL")]
     pub base_url: Option<String>,
+    /// Serve the FHIR API WITHOUT authorization. Local experiments only: every caller sees
+    /// and may change everything.
+    #[arg(long, env = "PAYERX_INSECURE_NO_AUTH", default_value_t = false)]
+    pub insecure_no_auth: bool,
+    /// Also accept access tokens from this external OpenID provider (its `iss`)...
+    #[arg(long, env = "PAYERX_AUTH_ISSUER", requires = "auth_jwks")]
+    pub auth_issuer: Option<String>,
+    /// ...verified with the keys published at this JWKS URL.
+    #[arg(long, env = "PAYERX_AUTH_JWKS", requires = "auth_issuer")]
+    pub auth_jwks: Option<String>,
+    /// Lifetime of the access tokens payerx issues, in seconds.
+    #[arg(long, env = "PAYERX_ACCESS_TOKEN_TTL", default_value_t = 900)]
+    pub access_token_ttl: u64,
+    /// Lifetime of refresh tokens (renewed on every use), in seconds.
+    #[arg(long, env = "PAYERX_REFRESH_TOKEN_TTL", default_value_t = 30 * 24 * 3600)]
+    pub refresh_token_ttl: u64,
 }
 
 impl BackendArgs {
@@ -145,7 +162,23 @@ impl ServeArgs {
             write_wait_ms: 5000,
             max_body_bytes: 16 * 1024 * 1024,
             base_url: None,
+            insecure_no_auth: false,
+            auth_issuer: None,
+            auth_jwks: None,
+            access_token_ttl: 900,
+            refresh_token_ttl: 30 * 24 * 3600,
         }
+    }
+
+    pub fn auth_config(&self, base_url: &str) -> auth::AuthConfig {
+        let mut c = auth::AuthConfig::new(base_url.trim_end_matches('/'));
+        c.access_ttl = Duration::from_secs(self.access_token_ttl);
+        c.refresh_ttl = Duration::from_secs(self.refresh_token_ttl);
+        c.external = match (&self.auth_issuer, &self.auth_jwks) {
+            (Some(i), Some(j)) => Some(auth::ExternalIssuer::new(i.clone(), j.clone())),
+            _ => None,
+        };
+        c
     }
 
     pub fn write_wait(&self) -> Duration {

@@ -1,12 +1,14 @@
 //! payerx as a library: configuration, the assembly of every role into one process, and the
 //! commands of the `payerx` binary. The tests crate starts the same assembly in-process.
 
+pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod config;
 pub mod events;
 pub mod load;
 pub mod replay;
+pub mod security;
 pub mod synth;
 
 pub use app::App;

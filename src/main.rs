@@ -30,6 +30,15 @@ enum Command {
     Events(payerx::events::EventsArgs),
     /// Rebuild a projection from the log and swap it in without downtime.
     Replay(payerx::replay::ReplayArgs),
+    /// Register, list, disable or enable API clients.
+    #[command(subcommand)]
+    Clients(payerx::admin::ClientsCommand),
+    /// Link member logins to Patients.
+    #[command(subcommand)]
+    Members(payerx::admin::MembersCommand),
+    /// Rotate the token signing key.
+    #[command(subcommand)]
+    Keys(payerx::admin::KeysCommand),
     /// Measure throughput and latency.
     #[command(subcommand)]
     Bench(payerx::bench::BenchCommand),
@@ -52,5 +61,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Events(args) => payerx::events::run(args).await,
         Command::Replay(args) => payerx::replay::run(args).await,
         Command::Bench(cmd) => payerx::bench::run(cmd).await,
+        Command::Clients(cmd) => payerx::admin::clients(cmd).await,
+        Command::Members(cmd) => payerx::admin::members(cmd).await,
+        Command::Keys(cmd) => payerx::admin::keys(cmd).await,
     }
 }

@@ -190,9 +190,10 @@ impl FromRequestParts<SharedState> for Caller {
     }
 }
 
-/// Paths under `/fhir` that need no token.
+/// Paths under `/fhir` that need no token. The middleware runs inside the `/fhir` router, where
+/// paths arrive without the prefix; both forms are accepted.
 fn is_open(path: &str) -> bool {
-    matches!(path, "/fhir/metadata" | "/fhir/.well-known/smart-configuration")
+    matches!(path.strip_prefix("/fhir").unwrap_or(path), "/metadata" | "/.well-known/smart-configuration")
 }
 
 fn unauthorized(reason: &str) -> Response {
@@ -227,7 +228,12 @@ fn describe(method: &axum::http::Method, path: &str) -> (String, Option<String>,
 
 /// Authenticates every FHIR request (except the open ones) and audits it with its outcome.
 pub async fn authenticate(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_string();
+    // Inside the nested router the URI has lost its `/fhir` prefix; audit the full path.
+    let path = req
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map(|u| u.0.path().to_string())
+        .unwrap_or_else(|| req.uri().path().to_string());
     let Some(verifier) = state.verifier.clone() else {
         return next.run(req).await;
     };
@@ -373,6 +379,16 @@ mod tests {
             caller(Fixed(vec![(ScopeContext::Patient, "*", vec![Interaction::Update])]), Some("p1"), None);
         assert!(patient_only.authorize_write_status().is_err());
         assert!(Caller::Open.authorize_write("Anything", Interaction::Delete).is_ok());
+    }
+
+    #[test]
+    fn metadata_and_discovery_are_open_with_or_without_the_prefix() {
+        for p in
+            ["/fhir/metadata", "/metadata", "/fhir/.well-known/smart-configuration", "/.well-known/smart-configuration"]
+        {
+            assert!(is_open(p), "{p}");
+        }
+        assert!(!is_open("/fhir/Patient/1") && !is_open("/Patient/metadata"));
     }
 
     #[test]

@@ -114,17 +114,25 @@ async fn append_loop(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<Au
             .collect();
         let n = records.len() as u64;
         let mut backoff = Duration::from_millis(50);
-        // Audit records are kept until the log takes them.
+        // Audit records are kept while the log may still take them; a permanent refusal (a
+        // missing topic, a misconfiguration) is reported loudly instead of blocking shutdown.
         loop {
             match log.append(records.clone()).await {
-                Ok(_) => break,
-                Err(e) => {
+                Ok(_) => {
+                    metrics::counter!("payerx_events_appended_total", "topic" => topic.clone()).increment(n);
+                    break;
+                }
+                Err(e) if e.is_retriable() => {
                     tracing::warn!(error = %e, ?backoff, "audit append failed, retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
+                Err(e) => {
+                    tracing::error!(error = %e, records = n, "audit records refused by the log and lost");
+                    metrics::counter!("payerx_audit_lost_total").increment(n);
+                    break;
+                }
             }
         }
-        metrics::counter!("payerx_events_appended_total", "topic" => topic.clone()).increment(n);
     }
 }

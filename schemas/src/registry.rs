@@ -270,5 +270,19 @@ mod published_registry {
             assert_eq!(e["version"], s.version);
             assert_eq!(e["file"], s.file);
         }
+        // Every topic a schema is published for is one payerx creates, with that value schema.
+        for e in entries {
+            for t in e["topics"].as_array().expect("topics") {
+                let t = t.as_str().expect("topic name");
+                assert!(
+                    crate::topics::ALL.iter().any(|(name, schema)| *name == t && *schema == e["name"]),
+                    "{t} ({}) is not in topics::ALL",
+                    e["name"]
+                );
+            }
+        }
+        assert!(crate::topics::ALL.iter().all(|(name, _)| entries
+            .iter()
+            .any(|e| e["topics"].as_array().is_some_and(|ts| ts.iter().any(|t| t == name)))));
     }
 }

@@ -16,8 +16,12 @@ pub const AUDIT: &str = "audit";
 
 /// Every topic payerx creates at start-up, with its value schema name (DLQs carry the value of
 /// their input topic).
-pub const ALL: &[(&str, &str)] =
-    &[(FHIR_SUBMISSIONS, "ResourceChanged"), (FHIR_CHANGES, "ResourceChanged"), (VALIDATE_DLQ, "ResourceChanged")];
+pub const ALL: &[(&str, &str)] = &[
+    (FHIR_SUBMISSIONS, "ResourceChanged"),
+    (FHIR_CHANGES, "ResourceChanged"),
+    (VALIDATE_DLQ, "ResourceChanged"),
+    (AUDIT, "AuditRecorded"),
+];
 
 /// Header names used on every record. Values are UTF-8.
 pub mod headers {

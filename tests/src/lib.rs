@@ -29,6 +29,8 @@ pub struct Harness {
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
     base: String,
+    /// The bearer token `client` sends, if any.
+    pub token: Option<String>,
 }
 
 /// Runs a scenario on both tiers: `embedded` always, `kafka_postgres` in the integration tier.
@@ -84,6 +86,9 @@ impl Harness {
     }
 
     /// Starts with every role, after `tweak` adjusts the configuration.
+    /// Starts with every role, after `tweak` adjusts the configuration. The harness's client is
+    /// a backend service with `system/*.*` (a payer feed), so scenarios exercise the pipeline;
+    /// the SMART tests make their own clients and tokens.
     pub async fn start_with(tier: Tier, tweak: impl FnOnce(&mut ServeArgs)) -> Harness {
         let dir = tempfile::tempdir().expect("temp dir");
         let backend = backend(tier, dir.path()).await;
@@ -91,7 +96,61 @@ impl Harness {
         tweak(&mut args);
         let app = App::start(args).await.expect("payerx starts");
         let base = app.base_url();
-        Harness { tier, backend, app: Some(app), client: reqwest::Client::new(), dir, base }
+        let mut h = Harness { tier, backend, app: Some(app), client: reqwest::Client::new(), dir, base, token: None };
+        if h.app().auth.is_some() {
+            let (id, secret) = h.add_client("feed", "confidential-symmetric", "system/*.*", &[]).await;
+            let token = h.client_credentials(&id, &secret, "system/*.*").await;
+            h.use_token(&token);
+        }
+        h
+    }
+
+    /// Sends `Authorization: Bearer <token>` on every request of `self.client` from now on.
+    pub fn use_token(&mut self, token: &str) {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().expect("header"));
+        self.client = reqwest::Client::builder().default_headers(headers).build().expect("client");
+        self.token = Some(token.to_string());
+    }
+
+    /// Registers a client (as `payerx clients add` does) and returns its id and secret.
+    pub async fn add_client(&self, name: &str, kind: &str, scope: &str, redirect_uris: &[&str]) -> (String, String) {
+        let db = self.backend.open_db().await.expect("views db");
+        let kind: auth::ClientKind = serde_json::from_value(json!(kind)).expect("client kind");
+        let created = auth::admin::add_client(
+            &db,
+            auth::NewClient {
+                name: name.into(),
+                kind,
+                redirect_uris: redirect_uris.iter().map(|s| s.to_string()).collect(),
+                jwks_url: None,
+                jwks: None,
+                scope: scope.into(),
+            },
+        )
+        .await
+        .expect("client added");
+        (created.client_id, created.client_secret.unwrap_or_default())
+    }
+
+    /// `client_credentials` with `client_secret_basic`, exactly as the seed pages show.
+    pub async fn client_credentials(&self, id: &str, secret: &str, scope: &str) -> String {
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+        let r = reqwest::Client::new()
+            .post(self.url("/auth/token"))
+            .header("authorization", format!("Basic {basic}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "grant_type=client_credentials&scope={}",
+                scope.replace(' ', "%20").replace('/', "%2F").replace('*', "%2A")
+            ))
+            .send()
+            .await
+            .expect("token request");
+        assert_eq!(r.status(), 200, "token: {}", r.text().await.unwrap_or_default());
+        let body: Value = r.json().await.expect("token JSON");
+        body["access_token"].as_str().expect("access_token").to_string()
     }
 
     pub fn app(&self) -> &App {
@@ -109,6 +168,10 @@ impl Harness {
         }
         let mut args = ServeArgs::new(self.backend.clone());
         args.roles = roles.to_vec();
+        // Same address as before, like a real deployment: tokens are issued for this base URL.
+        if let Some(addr) = self.base.strip_prefix("http://").and_then(|a| a.parse().ok()) {
+            args.listen = addr;
+        }
         let app = App::start(args).await.expect("payerx restarts");
         if app.addr.is_some() {
             self.base = app.base_url();
@@ -206,6 +269,13 @@ pub fn free_port() -> u16 {
 /// Sends raw bytes to the server at `base` (`http://host:port`) and reads the answer without
 /// sending anything more: status and body. Used where a client library would insist on
 /// sending a body the server has already refused.
+/// The `Authorization` header line for raw requests, if the harness has a token.
+impl Harness {
+    pub fn auth_line(&self) -> String {
+        self.token.as_ref().map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default()
+    }
+}
+
 pub async fn raw_request(base: &str, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://").trim_end_matches('/');

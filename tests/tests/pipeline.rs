@@ -330,12 +330,12 @@ async fn bad_input_gets_operation_outcomes(h: Harness) {
     assert_eq!(oo["issue"][0]["code"], "not-supported");
     check(h.get("/fhir/Patient/x/_history?_count=0").await, 400).await;
     // Too large: refused from the headers alone, before any of the body is read.
-    let (status, body) = tests::raw_request(&h.url(""), "PUT /fhir/Patient/x HTTP/1.1\r\nhost: x\r\ncontent-type: application/fhir+json\r\ncontent-length: 17000000\r\n\r\n{").await;
+    let (status, body) = tests::raw_request(&h.url(""), &format!("PUT /fhir/Patient/x HTTP/1.1\r\nhost: x\r\n{}content-type: application/fhir+json\r\ncontent-length: 17000000\r\n\r\n{{", h.auth_line())).await;
     assert_eq!(status, 413);
     assert!(body.contains("OperationOutcome") && body.contains("too-long"), "{body}");
     // Without a Content-Length (chunked), the limit is enforced while reading.
     let size = 17 * 1024 * 1024;
-    let chunked = format!("PUT /fhir/Patient/x HTTP/1.1\r\nhost: x\r\ncontent-type: application/fhir+json\r\ntransfer-encoding: chunked\r\n\r\n{size:x}\r\n{}", "a".repeat(size));
+    let chunked = format!("PUT /fhir/Patient/x HTTP/1.1\r\nhost: x\r\n{}content-type: application/fhir+json\r\ntransfer-encoding: chunked\r\n\r\n{size:x}\r\n{}", h.auth_line(), "a".repeat(size));
     let (status, body) = tests::raw_request(&h.url(""), &chunked).await;
     assert_eq!(status, 413);
     assert!(body.contains("OperationOutcome"), "{body}");
