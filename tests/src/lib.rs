@@ -311,3 +311,83 @@ pub async fn raw_request(base: &str, request: &str) -> (u16, String) {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
+
+/// A member's standalone patient launch over HTTP, as a browser would do it (cookie, CSRF
+/// fields, consent with every box ticked), then the code exchange. Returns the token response.
+pub async fn member_launch(
+    h: &Harness,
+    client_id: &str,
+    redirect: &str,
+    scope: &str,
+    username: &str,
+    password: &str,
+) -> Value {
+    use base64::Engine;
+    use sha2::Digest;
+    let verifier = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let mut authorize = url::Url::parse(&h.url("/auth/authorize")).expect("url");
+    authorize
+        .query_pairs_mut()
+        .append_pair("response_type", "code")
+        .append_pair("client_id", client_id)
+        .append_pair("redirect_uri", redirect)
+        .append_pair("scope", scope)
+        .append_pair("state", "st-1")
+        .append_pair("aud", &h.url("/fhir"))
+        .append_pair("code_challenge", &challenge)
+        .append_pair("code_challenge_method", "S256");
+    let r = browser.get(authorize).send().await.expect("authorize");
+    assert_eq!(r.status(), 200);
+    let cookie = r.headers()["set-cookie"].to_str().expect("cookie").split(';').next().expect("cookie").to_string();
+    let page = r.text().await.expect("login page");
+    let form = |html: &str, id: &str| -> String {
+        let marker = format!("id=\"{id}\" value=\"");
+        let start = html.find(&marker).unwrap_or_else(|| panic!("no input {id}")) + marker.len();
+        html[start..start + html[start..].find('"').expect("quote")].replace("&amp;", "&")
+    };
+    let r = browser
+        .post(h.url("/auth/login"))
+        .header("cookie", &cookie)
+        .form(&[
+            ("pending", form(&page, "pending")),
+            ("csrf", form(&page, "csrf")),
+            ("username", username.into()),
+            ("password", password.into()),
+        ])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 200);
+    let consent = r.text().await.expect("consent page");
+    let mut pairs = vec![
+        ("pending".to_string(), form(&consent, "pending")),
+        ("csrf".to_string(), form(&consent, "csrf")),
+        ("decision".to_string(), "approve".to_string()),
+    ];
+    for (i, _) in consent.match_indices("name=\"scope\"") {
+        let rest = &consent[i..];
+        let start = rest.find("value=\"").expect("value") + 7;
+        pairs.push(("scope".into(), rest[start..start + rest[start..].find('"').expect("quote")].to_string()));
+    }
+    let r = browser.post(h.url("/auth/consent")).header("cookie", &cookie).form(&pairs).send().await.expect("consent");
+    assert_eq!(r.status(), 303);
+    let location = url::Url::parse(r.headers()["location"].to_str().expect("location")).expect("redirect");
+    let q: std::collections::HashMap<String, String> = location.query_pairs().into_owned().collect();
+    assert_eq!(q.get("state").map(String::as_str), Some("st-1"));
+    let r = reqwest::Client::new()
+        .post(h.url("/auth/token"))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", q["code"].as_str()),
+            ("redirect_uri", redirect),
+            ("code_verifier", &verifier),
+            ("client_id", client_id),
+        ])
+        .send()
+        .await
+        .expect("token");
+    assert_eq!(r.status(), 200);
+    r.json().await.expect("token JSON")
+}
