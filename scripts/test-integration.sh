@@ -24,4 +24,11 @@ echo "integration tier: Kafka protocol at $PAYERX_TEST_KAFKA_BROKERS (tansu), $P
 
 # Only the tests marked for the integration tier (they are #[ignore]d in the embedded tier).
 python3 -c "import fastavro" 2>/dev/null || pip install --quiet fastavro
+# The SMART launch in a real headless browser (tests/tests/browser.rs): Debian's Chromium and
+# its WebDriver, installed only when missing.
+if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+    echo "integration tier: installing chromium and chromium-driver" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 cargo test --workspace "$@" -- --ignored --test-threads 4

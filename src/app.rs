@@ -129,9 +129,10 @@ impl App {
                 },
                 ops: ops.clone(),
                 audit,
-                verifier: auth
-                    .clone()
-                    .map(|a| Arc::new(crate::security::Verifier(a)) as Arc<dyn ingest::access::TokenVerifier>),
+                verifier: auth.clone().map(|a| {
+                    let ttl = std::time::Duration::from_secs(args.token_cache_secs);
+                    Arc::new(crate::security::Verifier::new(a, ttl)) as Arc<dyn ingest::access::TokenVerifier>
+                }),
                 smart_configuration: auth.as_ref().map(|a| a.smart_configuration()),
             });
             let mut router = ingest::router(state);

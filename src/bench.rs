@@ -42,6 +42,8 @@ use crate::{synth, App};
 pub enum BenchCommand {
     /// The payer feed: HTTP API and `payerx load` against the raw log append rate.
     Ingest(IngestBenchArgs),
+    /// What authorization costs: authorized reads against the same with --insecure-no-auth.
+    Auth(crate::bench_auth::AuthBenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -78,6 +80,7 @@ pub struct IngestBenchArgs {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Ingest(args) => ingest(args).await,
+        BenchCommand::Auth(args) => crate::bench_auth::run(args).await,
     }
 }
 

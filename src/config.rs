@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// Lifetime of the access tokens payerx issues, in seconds.
     #[arg(long, env = "PAYERX_ACCESS_TOKEN_TTL", default_value_t = 900)]
     pub access_token_ttl: u64,
+    /// How long the API trusts a token it has verified before checking it again (revocation and
+    /// disabled clients take effect within this many seconds; 0 checks every request).
+    #[arg(long, env = "PAYERX_TOKEN_CACHE_SECS", default_value_t = 5)]
+    pub token_cache_secs: u64,
     /// Lifetime of refresh tokens (renewed on every use), in seconds.
     #[arg(long, env = "PAYERX_REFRESH_TOKEN_TTL", default_value_t = 30 * 24 * 3600)]
     pub refresh_token_ttl: u64,
@@ -166,6 +170,7 @@ impl ServeArgs {
             auth_issuer: None,
             auth_jwks: None,
             access_token_ttl: 900,
+            token_cache_secs: 5,
             refresh_token_ttl: 30 * 24 * 3600,
         }
     }

@@ -391,3 +391,5 @@ pub async fn member_launch(
     assert_eq!(r.status(), 200);
     r.json().await.expect("token JSON")
 }
+
+pub mod webdriver;
