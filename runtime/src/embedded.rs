@@ -33,8 +33,9 @@ const MAX_RECORDS_PER_COMMIT: usize = 20_000;
 pub struct EmbeddedLog {
     path: PathBuf,
     writer: mpsc::Sender<WriteCmd>,
-    /// Bumped after every commit, to wake this process's consumers at once.
-    appended: watch::Receiver<u64>,
+    /// Appends committed per topic (cumulative), so this process's consumers wake at once, and
+    /// only when one of their topics moved.
+    appended: watch::Receiver<Appends>,
     partitions: Mutex<HashMap<String, i32>>,
 }
 
@@ -111,7 +112,7 @@ impl EmbeddedLog {
         let conn = open_conn(&path, fsync, false)?;
         conn.execute_batch(SCHEMA).map_err(storage)?;
         let (tx, rx) = mpsc::channel();
-        let (bump_tx, bump_rx) = watch::channel(0u64);
+        let (bump_tx, bump_rx) = watch::channel(Appends::default());
         std::thread::Builder::new()
             .name("payerx-log-writer".into())
             .spawn(move || writer_loop(conn, rx, bump_tx))
@@ -160,7 +161,10 @@ impl EmbeddedLog {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteCmd>, bump: watch::Sender<u64>) {
+/// Commits per topic since this process opened the log.
+type Appends = Arc<HashMap<String, u64>>;
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteCmd>, bump: watch::Sender<Appends>) {
     let mut topic_partitions: HashMap<String, i32> = HashMap::new();
     while let Ok(first) = rx.recv() {
         // Group commit: take everything already waiting, up to a bound.
@@ -179,6 +183,16 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteCmd>, bump: watch::
         }
         let result = apply_batch(&mut conn, &mut topic_partitions, &batch);
         let ok = result.is_ok();
+        let mut touched: Vec<String> = batch
+            .iter()
+            .filter_map(|c| match c {
+                WriteCmd::Append(r, _) => Some(r.iter().map(|r| r.topic.clone())),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        touched.sort();
+        touched.dedup();
         match result {
             Ok(mut results) => {
                 for (cmd, res) in batch.into_iter().zip(results.drain(..)) {
@@ -196,8 +210,13 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteCmd>, bump: watch::
                 }
             }
         }
-        if ok {
-            bump.send_modify(|n| *n += 1);
+        if ok && !touched.is_empty() {
+            bump.send_modify(|m| {
+                let m = Arc::make_mut(m);
+                for t in touched {
+                    *m.entry(t).or_default() += 1;
+                }
+            });
         }
     }
 }
@@ -464,11 +483,25 @@ pub struct EmbeddedConsumer {
     positions: BTreeMap<(String, i32), i64>,
     group: Option<String>,
     writer: mpsc::Sender<WriteCmd>,
-    appended: watch::Receiver<u64>,
+    appended: watch::Receiver<Appends>,
     rotation: usize,
 }
 
 impl EmbeddedConsumer {
+    /// Commits so far to the topics this consumer reads.
+    fn commits_seen(&mut self) -> u64 {
+        let m = self.appended.borrow_and_update();
+        let mut last = None;
+        let mut sum = 0;
+        for (topic, _) in self.positions.keys() {
+            if last != Some(topic) {
+                sum += m.get(topic).copied().unwrap_or(0);
+                last = Some(topic);
+            }
+        }
+        sum
+    }
+
     async fn read(&mut self, max: usize) -> Result<Vec<Consumed>, LogError> {
         let conn = self.conn.clone();
         // Start at a different partition each poll, so a busy partition cannot starve the rest.
@@ -523,9 +556,9 @@ impl Consumer for EmbeddedConsumer {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<Consumed>, LogError> {
         let deadline = Instant::now() + wait;
         loop {
-            // Mark the current commit count as seen before reading, so an append that lands
+            // Note the commit counts of our topics before reading, so an append that lands
             // between the read and the wait still wakes us.
-            self.appended.borrow_and_update();
+            let seen = self.commits_seen();
             let out = self.read(max).await?;
             if !out.is_empty() {
                 for r in &out {
@@ -537,8 +570,15 @@ impl Consumer for EmbeddedConsumer {
             if now >= deadline {
                 return Ok(out);
             }
-            let nap = (deadline - now).min(FOREIGN_APPEND_POLL);
-            let _ = tokio::time::timeout(nap, self.appended.changed()).await;
+            // Sleep until one of our topics moves (appends to other topics do not wake us), or
+            // until it is time to look for appends by other processes.
+            let nap_until = tokio::time::Instant::now() + (deadline - now).min(FOREIGN_APPEND_POLL);
+            while self.commits_seen() == seen {
+                match tokio::time::timeout_at(nap_until, self.appended.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => break,
+                }
+            }
         }
     }
 
