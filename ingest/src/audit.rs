@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 const QUEUE: usize = 10_000;
 /// Records per append.
 const BATCH: usize = 500;
+/// How long the appender waits for a batch to fill: the most an audit record waits for the log.
+const LINGER: Duration = Duration::from_millis(50);
 
 #[derive(Clone)]
 pub struct AuditLog {
@@ -97,6 +99,17 @@ impl AuditLog {
 async fn append_loop(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<AuditRecorded>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
+        // Linger a moment for more: one append per record would wake the log writer (and pay a
+        // commit) on every API request.
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        while batch.len() < BATCH {
+            let room = BATCH - batch.len();
+            tokio::select! {
+                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+                _ = &mut linger => break,
+            }
+        }
         let records: Vec<Record> = batch
             .drain(..)
             .filter_map(|ev| match schemas::encode_event(&ev) {
