@@ -263,3 +263,20 @@ async fn accesses_are_audited(h: Harness) {
     );
     h.stop().await;
 }
+
+/// `--insecure-no-auth` opens the API (and says so in the CapabilityStatement); without it the
+/// same request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn insecure_mode_is_opt_in() {
+    let open = Harness::start_with(tests::Tier::Embedded, |a| a.insecure_no_auth = true).await;
+    assert!(open.token.is_none(), "no authorization server, no token");
+    assert_eq!(open.put("/fhir/Patient/o1", &patient("o1", "Open")).await.status(), 201);
+    assert_eq!(open.get("/fhir/Patient/o1").await.status(), 200);
+    let cs = open.get_json("/fhir/metadata").await.1;
+    assert!(cs["rest"][0]["security"]["description"].as_str().unwrap().contains("WITHOUT authorization"));
+    assert_eq!(open.get("/fhir/.well-known/smart-configuration").await.status(), 404);
+    open.stop().await;
+    let closed = Harness::start(tests::Tier::Embedded).await;
+    assert_eq!(reqwest::Client::new().get(closed.url("/fhir/Patient/o1")).send().await.unwrap().status(), 401);
+    closed.stop().await;
+}
