@@ -28,6 +28,8 @@ enum Command {
     Load(payerx::load::LoadArgs),
     /// Print a topic's events as JSON lines.
     Events(payerx::events::EventsArgs),
+    /// Write synthetic payer data (Patient, Coverage, CARIN BB ExplanationOfBenefit) as NDJSON.
+    Generate(GenerateArgs),
     /// Rebuild a projection from the log and swap it in without downtime.
     Replay(payerx::replay::ReplayArgs),
     /// Register, list, disable or enable API clients.
@@ -42,6 +44,22 @@ enum Command {
     /// Measure throughput and latency.
     #[command(subcommand)]
     Bench(payerx::bench::BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Resources to write (cycling Patient, Coverage, ExplanationOfBenefit).
+    #[arg(long, default_value_t = 1000)]
+    resources: usize,
+    /// Same seed, same data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Prefix of every resource id (to load several sets side by side).
+    #[arg(long, default_value = "syn-")]
+    id_prefix: String,
+    /// Output file (.ndjson), ready for `payerx load`.
+    #[arg(long)]
+    out: std::path::PathBuf,
 }
 
 #[tokio::main]
@@ -60,6 +78,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Load(args) => payerx::load::run(args).await,
         Command::Events(args) => payerx::events::run(args).await,
         Command::Replay(args) => payerx::replay::run(args).await,
+        Command::Generate(g) => {
+            let bytes = payerx::synth::write_ndjson(&g.out, g.resources, g.seed, &g.id_prefix)?;
+            println!("{}", serde_json::json!({"file": g.out, "resources": g.resources, "bytes": bytes}));
+            Ok(())
+        }
         Command::Bench(cmd) => payerx::bench::run(cmd).await,
         Command::Clients(cmd) => payerx::admin::clients(cmd).await,
         Command::Members(cmd) => payerx::admin::members(cmd).await,

@@ -77,3 +77,23 @@ async fn events_prints_decoded_json_lines(h: Harness) {
     assert_eq!(lines[0]["headers"]["payerx.event-type"], "ResourceChanged");
     h.stop().await;
 }
+
+/// `payerx generate` writes CARIN-BB-shaped data that the feed accepts as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn generated_data_loads_cleanly() {
+    let h = Harness::start(tests::Tier::Embedded).await;
+    let file = h.dir.path().join("synthetic.ndjson");
+    let out =
+        Command::new(payerx_binary()).args(["generate", "--resources", "60", "--out"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let args =
+        LoadArgs { backend: h.backend.clone(), path: file, chunk: 16, show_rejects: 5, quiet: true, workers: None };
+    let report = load_into(h.app().log.clone(), &args).await.unwrap();
+    assert_eq!((report.accepted, report.rejected), (60, 0));
+    h.eventually("generated data is visible", || async {
+        h.app().store().count("ExplanationOfBenefit").await.unwrap() == 20
+    })
+    .await;
+    assert_eq!(h.app().store().count("Patient").await.unwrap(), 20);
+    h.stop().await;
+}
