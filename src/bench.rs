@@ -447,6 +447,7 @@ async fn http(run: &Run) -> anyhow::Result<Phase> {
     let mut serve = ServeArgs::new(backend.clone());
     // Long enough that no write answers 202 (still pending): every response means visible.
     serve.write_wait_ms = 120_000;
+    let serve_backend = serve.backend.clone();
     let app = App::start(serve).await?;
     let result = async {
         let store = app.store.clone().context("payerx started without its views")?;
@@ -464,8 +465,16 @@ async fn http(run: &Run) -> anyhow::Result<Phase> {
             .collect();
         let bytes: u64 = items.iter().map(|(_, b)| b.len() as u64).sum();
         let items = Arc::new(items);
-        let client =
-            reqwest::Client::builder().no_proxy().pool_max_idle_per_host(concurrency).tcp_nodelay(true).build()?;
+        // As a payer feed would: a backend client with a system/*.* token (authorization is on).
+        let mut auth_headers = reqwest::header::HeaderMap::new();
+        let token = crate::bench_auth::token(&base, &serve_backend).await?;
+        auth_headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .default_headers(auth_headers)
+            .pool_max_idle_per_host(concurrency)
+            .tcp_nodelay(true)
+            .build()?;
         let before = visible(&store).await?;
         eprintln!("bench: http: {n} PUTs from {concurrency} concurrent clients to {base}");
         run.reset_rss();

@@ -52,7 +52,8 @@ fn fresh_backend(base: &BackendArgs) -> (BackendArgs, Option<std::path::PathBuf>
     }
 }
 
-async fn token(base: &str, backend: &BackendArgs) -> anyhow::Result<String> {
+/// A `system/*.*` backend client registered in `backend`, and a token for it from `base`.
+pub(crate) async fn token(base: &str, backend: &BackendArgs) -> anyhow::Result<String> {
     let db = backend.open_db().await?;
     let c = auth::admin::add_client(
         &db,
