@@ -362,3 +362,40 @@ async fn bad_input_gets_operation_outcomes(h: Harness) {
     assert!(metrics.contains("payerx_events_appended_total"));
     h.stop().await;
 }
+
+/// Processes starting together on a fresh database (ingest, projections, replay) all set up
+/// the views; none of them may fail because another got there first.
+async fn concurrent_setup_on_a_fresh_database(tier: tests::Tier) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = tests::backend(tier, dir.path()).await;
+    let db = b.open_db().await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (db, prefix) = (db.clone(), b.topic_prefix.clone());
+            tokio::spawn(async move { projections::ResourceStore::new(db, &prefix).count("Patient").await })
+        })
+        .collect();
+    let auth_tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move { auth::init(&db).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 0);
+    }
+    for t in auth_tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_setup_on_a_fresh_database_embedded() {
+    concurrent_setup_on_a_fresh_database(tests::Tier::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "integration tier: needs Kafka + PostgreSQL; run scripts/test-integration.sh"]
+async fn concurrent_setup_on_a_fresh_database_kafka_postgres() {
+    concurrent_setup_on_a_fresh_database(tests::Tier::KafkaPostgres).await
+}
