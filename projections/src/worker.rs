@@ -54,14 +54,14 @@ pub async fn active_generation(db: &Db, projection: &dyn Projection) -> Result<i
 /// Creates a generation's tables, tolerating another process doing the same at that moment.
 ///
 /// PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against a concurrent creator: the loser
-/// fails with a unique violation on its catalog (SQLSTATE 23505) instead of finding the table.
+/// fails with a unique violation on its catalog (SQLSTATE 23505, or 42710 for the table's row type) instead of finding the table.
 /// Processes starting together on a fresh database (ingest and projections) hit exactly that.
 pub async fn ensure_generation(db: &Db, projection: &dyn Projection, generation: i64) -> Result<(), ProjectionError> {
     let mut attempt = 0;
     loop {
         match projection.create_generation(db, generation).await {
             Err(ProjectionError::Db(sqlx::Error::Database(e)))
-                if attempt < 5 && matches!(e.code().as_deref(), Some("23505" | "42P07")) =>
+                if attempt < 5 && matches!(e.code().as_deref(), Some("23505" | "42P07" | "42710")) =>
             {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
