@@ -7,42 +7,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use auth::{AuditRecord, AuditSink, AuthServer, Context, Interaction, ScopeSet};
-use ingest::access::{self, Grants, Principal, Rejected, ScopeContext, TokenVerifier};
+use auth::{AuditRecord, AuditSink, AuthServer, ScopeSet};
+use ingest::access::{Grants, Principal, Rejected, TokenVerifier};
 use ingest::audit::{AuditEntry, AuditLog};
+use schemas::smart::{Context, Interaction};
 
 struct Scopes(ScopeSet);
 
-fn interaction(i: access::Interaction) -> Interaction {
-    match i {
-        access::Interaction::Create => Interaction::Create,
-        access::Interaction::Read => Interaction::Read,
-        access::Interaction::Update => Interaction::Update,
-        access::Interaction::Delete => Interaction::Delete,
-        access::Interaction::Search => Interaction::Search,
-    }
-}
-
-fn context(c: Context) -> ScopeContext {
-    match c {
-        Context::Patient => ScopeContext::Patient,
-        Context::User => ScopeContext::User,
-        Context::System => ScopeContext::System,
-    }
-}
-
 impl Grants for Scopes {
-    fn contexts_allowing(&self, resource_type: &str, i: access::Interaction) -> Vec<ScopeContext> {
-        self.0.contexts_allowing(resource_type, interaction(i)).into_iter().map(context).collect()
+    fn contexts_allowing(&self, resource_type: &str, interaction: Interaction) -> Vec<Context> {
+        self.0.contexts_allowing(resource_type, interaction)
     }
 
-    fn has_context(&self, c: ScopeContext) -> bool {
-        let c = match c {
-            ScopeContext::Patient => Context::Patient,
-            ScopeContext::User => Context::User,
-            ScopeContext::System => Context::System,
-        };
-        self.0.has_context(c)
+    fn has_context(&self, context: Context) -> bool {
+        self.0.has_context(context)
     }
 }
 

@@ -14,78 +14,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Who the access is on behalf of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Context {
-    /// The patient in context (`patient` in the token): only that patient's compartment.
-    Patient,
-    /// Whatever the signed-in user may see.
-    User,
-    /// A backend service, no user.
-    System,
-}
-
-impl Context {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Context::Patient => "patient",
-            Context::User => "user",
-            Context::System => "system",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Context> {
-        match s {
-            "patient" => Some(Context::Patient),
-            "user" => Some(Context::User),
-            "system" => Some(Context::System),
-            _ => None,
-        }
-    }
-
-    const ALL: [Context; 3] = [Context::Patient, Context::User, Context::System];
-}
-
-impl fmt::Display for Context {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The FHIR interactions a v2 scope names (`c r u d s`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Interaction {
-    Create,
-    Read,
-    Update,
-    Delete,
-    Search,
-}
-
-impl Interaction {
-    const ALL: [Interaction; 5] =
-        [Interaction::Create, Interaction::Read, Interaction::Update, Interaction::Delete, Interaction::Search];
-
-    fn bit(self) -> u8 {
-        match self {
-            Interaction::Create => 1,
-            Interaction::Read => 2,
-            Interaction::Update => 4,
-            Interaction::Delete => 8,
-            Interaction::Search => 16,
-        }
-    }
-
-    fn letter(self) -> char {
-        match self {
-            Interaction::Create => 'c',
-            Interaction::Read => 'r',
-            Interaction::Update => 'u',
-            Interaction::Delete => 'd',
-            Interaction::Search => 's',
-        }
-    }
-}
+pub use schemas::smart::{Context, Interaction};
 
 /// A set of interactions; v1 and v2 suffixes both parse into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -19,29 +19,14 @@ use crate::audit::AuditEntry;
 use crate::error::ApiError;
 use crate::SharedState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Interaction {
-    Create,
-    Read,
-    Update,
-    Delete,
-    Search,
-}
-
-/// The SMART scope context that grants an interaction, broadest last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ScopeContext {
-    Patient,
-    User,
-    System,
-}
+pub use schemas::smart::{Context, Interaction};
 
 /// A token's granted scopes, as the resource server needs them.
 pub trait Grants: Send + Sync {
     /// The contexts in which the scopes allow `interaction` on `resource_type`.
-    fn contexts_allowing(&self, resource_type: &str, interaction: Interaction) -> Vec<ScopeContext>;
+    fn contexts_allowing(&self, resource_type: &str, interaction: Interaction) -> Vec<Context>;
     /// Whether any scope is in this context (e.g. a backend client's `system/…`).
-    fn has_context(&self, context: ScopeContext) -> bool;
+    fn has_context(&self, context: Context) -> bool;
 }
 
 /// A verified caller.
@@ -129,8 +114,8 @@ impl Caller {
         let verb = format!("{interaction:?}").to_lowercase();
         match contexts.iter().max() {
             None => Err(forbidden(format!("the token's scopes do not allow {verb} on {rtype} (granted: {})", p.scope))),
-            Some(ScopeContext::System) => Ok(Visibility::All),
-            Some(ScopeContext::User) => {
+            Some(Context::System) => Ok(Visibility::All),
+            Some(Context::User) => {
                 match p.fhir_user.as_deref().and_then(schemas::compartment::patient_id_of_reference) {
                     Some(pid) => Ok(Visibility::Compartment(pid.to_string())),
                     None => Err(forbidden(
@@ -138,7 +123,7 @@ impl Caller {
                     )),
                 }
             }
-            Some(ScopeContext::Patient) => match &p.patient {
+            Some(Context::Patient) => match &p.patient {
                 Some(pid) => Ok(Visibility::Compartment(pid.clone())),
                 None => Err(forbidden("patient scopes need a patient in context (launch/patient)".into())),
             },
@@ -151,7 +136,7 @@ impl Caller {
             Caller::Open => return Ok(()),
             Caller::Token(p) => p,
         };
-        if p.grants.contexts_allowing(rtype, interaction).contains(&ScopeContext::System) {
+        if p.grants.contexts_allowing(rtype, interaction).contains(&Context::System) {
             Ok(())
         } else {
             let verb = format!("{interaction:?}").to_lowercase();
@@ -168,7 +153,7 @@ impl Caller {
     pub fn authorize_write_status(&self) -> Result<(), ApiError> {
         match self {
             Caller::Open => Ok(()),
-            Caller::Token(p) if p.grants.has_context(ScopeContext::System) => Ok(()),
+            Caller::Token(p) if p.grants.has_context(Context::System) => Ok(()),
             Caller::Token(_) => Err(forbidden("write status is for backend clients with system scopes".into())),
         }
     }
@@ -301,17 +286,17 @@ mod tests {
     use serde_json::json;
 
     /// Grants from a list of (context, type or "*", interactions).
-    struct Fixed(Vec<(ScopeContext, &'static str, Vec<Interaction>)>);
+    struct Fixed(Vec<(Context, &'static str, Vec<Interaction>)>);
 
     impl Grants for Fixed {
-        fn contexts_allowing(&self, rtype: &str, i: Interaction) -> Vec<ScopeContext> {
+        fn contexts_allowing(&self, rtype: &str, i: Interaction) -> Vec<Context> {
             self.0
                 .iter()
                 .filter(|(_, t, is)| (*t == "*" || *t == rtype) && is.contains(&i))
                 .map(|(c, _, _)| *c)
                 .collect()
         }
-        fn has_context(&self, c: ScopeContext) -> bool {
+        fn has_context(&self, c: Context) -> bool {
             self.0.iter().any(|(x, _, _)| *x == c)
         }
     }
@@ -329,7 +314,7 @@ mod tests {
 
     #[test]
     fn patient_scopes_see_only_their_compartment() {
-        let c = caller(Fixed(vec![(ScopeContext::Patient, "*", vec![Interaction::Read])]), Some("p1"), None);
+        let c = caller(Fixed(vec![(Context::Patient, "*", vec![Interaction::Read])]), Some("p1"), None);
         let vis = c.authorize("ExplanationOfBenefit", Interaction::Read).unwrap();
         assert_eq!(vis, Visibility::Compartment("p1".into()));
         assert!(vis.allows(&json!({"resourceType": "ExplanationOfBenefit", "patient": {"reference": "Patient/p1"}})));
@@ -344,28 +329,23 @@ mod tests {
 
     #[test]
     fn patient_scopes_without_a_patient_are_refused() {
-        let c = caller(Fixed(vec![(ScopeContext::Patient, "*", vec![Interaction::Read])]), None, None);
+        let c = caller(Fixed(vec![(Context::Patient, "*", vec![Interaction::Read])]), None, None);
         assert_eq!(c.authorize("Coverage", Interaction::Read).unwrap_err().status, StatusCode::FORBIDDEN);
     }
 
     #[test]
     fn user_scopes_follow_the_members_fhir_user() {
-        let c =
-            caller(Fixed(vec![(ScopeContext::User, "Coverage", vec![Interaction::Read])]), None, Some("Patient/m1"));
+        let c = caller(Fixed(vec![(Context::User, "Coverage", vec![Interaction::Read])]), None, Some("Patient/m1"));
         assert_eq!(c.authorize("Coverage", Interaction::Read).unwrap(), Visibility::Compartment("m1".into()));
-        let c = caller(
-            Fixed(vec![(ScopeContext::User, "Coverage", vec![Interaction::Read])]),
-            None,
-            Some("Practitioner/x"),
-        );
+        let c = caller(Fixed(vec![(Context::User, "Coverage", vec![Interaction::Read])]), None, Some("Practitioner/x"));
         assert!(c.authorize("Coverage", Interaction::Read).is_err());
     }
 
     #[test]
     fn system_scopes_see_everything_and_only_they_write() {
         let both = Fixed(vec![
-            (ScopeContext::Patient, "*", vec![Interaction::Read, Interaction::Update]),
-            (ScopeContext::System, "Patient", vec![Interaction::Read, Interaction::Update]),
+            (Context::Patient, "*", vec![Interaction::Read, Interaction::Update]),
+            (Context::System, "Patient", vec![Interaction::Read, Interaction::Update]),
         ]);
         let c = caller(both, Some("p1"), None);
         assert_eq!(c.authorize("Patient", Interaction::Read).unwrap(), Visibility::All, "the broadest context wins");
@@ -375,8 +355,7 @@ mod tests {
             "patient/*.write does not feed the payer data"
         );
         assert!(c.authorize_write_status().is_ok());
-        let patient_only =
-            caller(Fixed(vec![(ScopeContext::Patient, "*", vec![Interaction::Update])]), Some("p1"), None);
+        let patient_only = caller(Fixed(vec![(Context::Patient, "*", vec![Interaction::Update])]), Some("p1"), None);
         assert!(patient_only.authorize_write_status().is_err());
         assert!(Caller::Open.authorize_write("Anything", Interaction::Delete).is_ok());
     }

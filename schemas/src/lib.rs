@@ -6,6 +6,7 @@ pub mod compartment;
 pub mod events;
 pub mod outcome;
 pub mod registry;
+pub mod smart;
 pub mod topics;
 pub mod wire;
 
