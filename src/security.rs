@@ -33,7 +33,7 @@ impl Grants for Scopes {
 pub struct Verifier {
     server: Arc<AuthServer>,
     cache_ttl: Duration,
-    cache: Mutex<HashMap<String, (Principal, Instant)>>,
+    cache: Mutex<HashMap<String, (Arc<Principal>, Instant)>>,
 }
 
 /// Most tokens remembered at once; the cache is cleared when it is full.
@@ -47,12 +47,12 @@ impl Verifier {
 
 #[async_trait]
 impl TokenVerifier for Verifier {
-    async fn verify(&self, bearer: &str) -> Result<Principal, Rejected> {
+    async fn verify(&self, bearer: &str) -> Result<Arc<Principal>, Rejected> {
         if !self.cache_ttl.is_zero() {
             if let Ok(cache) = self.cache.lock() {
                 if let Some((p, until)) = cache.get(bearer) {
                     if Instant::now() < *until {
-                        return Ok(p.clone());
+                        return Ok(Arc::clone(p));
                     }
                 }
             }
@@ -63,20 +63,20 @@ impl TokenVerifier for Verifier {
             let left = Duration::from_secs(u64::try_from(p.expires_at - now).unwrap_or(0));
             Instant::now() + left.min(self.cache_ttl)
         };
-        let principal = Principal {
+        let principal = Arc::new(Principal {
             client_id: p.client_id,
             subject: p.sub,
             patient: p.patient,
             fhir_user: p.fhir_user,
             scope: p.scopes.to_string(),
             grants: Arc::new(Scopes(p.scopes)),
-        };
+        });
         if !self.cache_ttl.is_zero() {
             if let Ok(mut cache) = self.cache.lock() {
                 if cache.len() >= CACHE_MAX {
                     cache.clear();
                 }
-                cache.insert(bearer.to_string(), (principal.clone(), until));
+                cache.insert(bearer.to_string(), (Arc::clone(&principal), until));
             }
         }
         Ok(principal)

@@ -49,7 +49,7 @@ pub struct Rejected(pub String);
 
 #[async_trait]
 pub trait TokenVerifier: Send + Sync {
-    async fn verify(&self, bearer: &str) -> Result<Principal, Rejected>;
+    async fn verify(&self, bearer: &str) -> Result<Arc<Principal>, Rejected>;
 }
 
 /// The caller of a request, as handlers see it.
@@ -238,7 +238,7 @@ pub async fn authenticate(State(state): State<SharedState>, mut req: Request, ne
         Some(t) => verifier.verify(&t).await,
     };
     let principal = match principal {
-        Ok(p) => Arc::new(p),
+        Ok(p) => p,
         Err(Rejected(reason)) => {
             state
                 .audit

@@ -15,13 +15,15 @@ use tokio::task::JoinHandle;
 /// Records waiting to be appended, at most.
 const QUEUE: usize = 10_000;
 /// Records per append.
-const BATCH: usize = 500;
+const BATCH: usize = 2000;
 /// How long the appender waits for a batch to fill: the most an audit record waits for the log.
 const LINGER: Duration = Duration::from_millis(50);
 
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<AuditRecorded>,
+    /// The entry and when it happened; the envelope (ids) and the encoding are made by the
+    /// appender, off the request path.
+    tx: mpsc::Sender<(AuditEntry, i64)>,
 }
 
 /// What to record; the envelope is added here.
@@ -42,10 +44,12 @@ pub struct AuditEntry {
 }
 
 impl AuditEntry {
-    fn into_event(self) -> AuditRecorded {
+    fn into_event(self, occurred_at: i64) -> AuditRecorded {
         let corr = self.correlation_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let mut envelope = Envelope::new(AuditRecorded::EVENT_TYPE, 1, corr, self.client_id.clone());
+        envelope.occurred_at = occurred_at;
         AuditRecorded {
-            envelope: Envelope::new(AuditRecorded::EVENT_TYPE, 1, corr, self.client_id.clone()),
+            envelope,
             action: self.action,
             outcome: if self.success { AuditOutcome::Success } else { AuditOutcome::Failure },
             http_status: self.http_status.map(i32::from),
@@ -72,7 +76,7 @@ impl AuditLog {
 
     /// Queues a record, waiting while the queue is full.
     pub async fn record(&self, entry: AuditEntry) {
-        if self.tx.send(entry.into_event()).await.is_err() {
+        if self.tx.send((entry, schemas::events::now_micros())).await.is_err() {
             tracing::error!("audit appender stopped; audit record lost");
             metrics::counter!("payerx_audit_lost_total").increment(1);
         }
@@ -80,7 +84,7 @@ impl AuditLog {
 
     /// Queues a record from synchronous code; when the queue is full a task waits for room.
     pub fn record_now(&self, entry: AuditEntry) {
-        match self.tx.try_send(entry.into_event()) {
+        match self.tx.try_send((entry, schemas::events::now_micros())) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(ev)) => {
                 let tx = self.tx.clone();
@@ -96,7 +100,7 @@ impl AuditLog {
     }
 }
 
-async fn append_loop(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<AuditRecorded>) {
+async fn append_loop(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(AuditEntry, i64)>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         // Linger a moment for more: one append per record would wake the log writer (and pay a
@@ -112,17 +116,12 @@ async fn append_loop(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<Au
         }
         let records: Vec<Record> = batch
             .drain(..)
-            .filter_map(|ev| match schemas::encode_event(&ev) {
-                Ok(value) => Some(
-                    Record::new(topic.clone(), ev.key(), value)
-                        .header(headers::EVENT_TYPE, AuditRecorded::EVENT_TYPE)
-                        .header(headers::EVENT_ID, ev.envelope.event_id.clone())
-                        .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone()),
-                ),
-                Err(e) => {
-                    tracing::error!(error = %e, "audit record could not be encoded");
-                    None
-                }
+            .map(|(entry, at)| {
+                let ev = entry.into_event(at);
+                Record::new(topic.clone(), ev.key(), schemas::codec::encode_audit_recorded(&ev))
+                    .header(headers::EVENT_TYPE, AuditRecorded::EVENT_TYPE)
+                    .header(headers::EVENT_ID, ev.envelope.event_id.clone())
+                    .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone())
             })
             .collect();
         let n = records.len() as u64;

@@ -2,6 +2,7 @@
 //! describe, topic names and keys, the Confluent wire framing, and FHIR OperationOutcome builders.
 //! Nothing here does IO, so every crate can depend on it cheaply.
 
+pub mod codec;
 pub mod compartment;
 pub mod events;
 pub mod outcome;
