@@ -116,23 +116,7 @@ const SCHEMA: &[&str] = &[
 /// Creates the auth tables if they are missing. Idempotent.
 pub async fn init(db: &Db) -> Result<(), AuthError> {
     for stmt in SCHEMA {
-        // PostgreSQL's IF NOT EXISTS loses to a concurrent creator with a unique violation on
-        // its catalog (23505, or 42710 for the row type): several API processes starting on a fresh database hit it.
-        let mut attempt = 0u64;
-        loop {
-            match sqlx::query(stmt).execute(&db.pool).await {
-                Err(sqlx::Error::Database(e))
-                    if attempt < 5 && matches!(e.code().as_deref(), Some("23505" | "42P07" | "42710")) =>
-                {
-                    attempt += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
-                }
-                other => {
-                    other?;
-                    break;
-                }
-            }
-        }
+        db.execute_ddl(stmt).await?;
     }
     Ok(())
 }

@@ -54,7 +54,8 @@ pub struct AppState {
     pub audit: audit::AuditLog,
     /// Verifies bearer tokens; `None` only with `--insecure-no-auth`.
     pub verifier: Option<Arc<dyn access::TokenVerifier>>,
-    /// Extra open routes mounted beside `/fhir` (the authorization server's `/auth/...`).
+    /// The SMART discovery document served at `/fhir/.well-known/smart-configuration` (and
+    /// summarised in the CapabilityStatement); `None` without authorization.
     pub smart_configuration: Option<serde_json::Value>,
 }
 

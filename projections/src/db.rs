@@ -70,3 +70,24 @@ impl Db {
         Ok(Db { pool, backend })
     }
 }
+
+impl Db {
+    /// Runs one idempotent DDL statement (`CREATE … IF NOT EXISTS`), tolerating another process
+    /// running the same statement at that moment: PostgreSQL's `IF NOT EXISTS` loses that race
+    /// with a catalog unique violation (SQLSTATE 23505, 42P07, or 42710 for the table's row type)
+    /// instead of finding the object, which processes starting together on a fresh database hit.
+    pub async fn execute_ddl(&self, statement: &str) -> Result<(), sqlx::Error> {
+        let mut attempt = 0u64;
+        loop {
+            match sqlx::query(statement).execute(&self.pool).await {
+                Err(sqlx::Error::Database(e))
+                    if attempt < 5 && matches!(e.code().as_deref(), Some("23505" | "42P07" | "42710")) =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                other => return other.map(|_| ()),
+            }
+        }
+    }
+}

@@ -36,7 +36,7 @@ pub async fn replay(
     let new = old.max(building.unwrap_or(0)) + 1;
     // A leftover from an interrupted replay is discarded: start clean.
     projection.drop_generation(db, new).await?;
-    crate::worker::ensure_generation(db, projection.as_ref(), new).await?;
+    projection.create_generation(db, new).await?;
     sqlx::query("UPDATE view_generations SET building = $1 WHERE projection = $2")
         .bind(new)
         .bind(name)

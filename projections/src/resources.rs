@@ -461,7 +461,7 @@ impl Projection for ResourceProjection {
             format!("CREATE INDEX IF NOT EXISTS {hist}_event ON {hist} (event_id)"),
             format!("CREATE INDEX IF NOT EXISTS {cur}_type_updated ON {cur} (resource_type, last_updated_us)"),
         ] {
-            sqlx::query(&stmt).execute(&db.pool).await?;
+            db.execute_ddl(&stmt).await?;
         }
         Ok(())
     }

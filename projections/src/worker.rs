@@ -43,32 +43,12 @@ pub async fn active_generation(db: &Db, projection: &dyn Projection) -> Result<i
     if let Some(row) = row {
         return Ok(row.try_get::<i64, _>(0)?);
     }
-    ensure_generation(db, projection, 1).await?;
+    projection.create_generation(db, 1).await?;
     sqlx::query("INSERT INTO view_generations (projection, active) VALUES ($1, 1) ON CONFLICT (projection) DO NOTHING")
         .bind(projection.name())
         .execute(&db.pool)
         .await?;
     Ok(1)
-}
-
-/// Creates a generation's tables, tolerating another process doing the same at that moment.
-///
-/// PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against a concurrent creator: the loser
-/// fails with a unique violation on its catalog (SQLSTATE 23505, or 42710 for the table's row type) instead of finding the table.
-/// Processes starting together on a fresh database (ingest and projections) hit exactly that.
-pub async fn ensure_generation(db: &Db, projection: &dyn Projection, generation: i64) -> Result<(), ProjectionError> {
-    let mut attempt = 0;
-    loop {
-        match projection.create_generation(db, generation).await {
-            Err(ProjectionError::Db(sqlx::Error::Database(e)))
-                if attempt < 5 && matches!(e.code().as_deref(), Some("23505" | "42P07" | "42710")) =>
-            {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
-            }
-            other => return other,
-        }
-    }
 }
 
 pub async fn load_offsets(
@@ -182,7 +162,7 @@ impl ProjectionWorker {
             Some(g) => g,
             None => active_generation(&self.db, self.projection.as_ref()).await?,
         };
-        ensure_generation(&self.db, self.projection.as_ref(), generation).await?;
+        self.projection.create_generation(&self.db, generation).await?;
         let stored = load_offsets(&self.db, name, generation).await?;
         let mut assignment = Vec::new();
         for t in self.projection.topics() {
