@@ -19,11 +19,6 @@ use crate::SharedState;
 /// another process (split roles). In one process the projection hands outcomes over directly.
 const OUTCOME_POLL: Duration = Duration::from_millis(25);
 
-/// A write that has been appended.
-pub struct Appended {
-    pub event_id: String,
-}
-
 /// What became of a write within the wait.
 pub enum Waited {
     Done(WriteOutcome),
@@ -60,7 +55,7 @@ pub fn event(
 }
 
 /// Appends events to the submissions topic in one durable append.
-pub async fn append(state: &SharedState, events: &[ResourceChanged]) -> Result<Vec<Appended>, ApiError> {
+pub async fn append(state: &SharedState, events: &[ResourceChanged]) -> Result<(), ApiError> {
     let topic = topics::full(&state.config.topic_prefix, topics::FHIR_SUBMISSIONS);
     let mut records = Vec::with_capacity(events.len());
     for ev in events {
@@ -74,23 +69,20 @@ pub async fn append(state: &SharedState, events: &[ResourceChanged]) -> Result<V
     }
     state.log.append(records).await?;
     metrics::counter!("payerx_events_appended_total", "topic" => topic).increment(events.len() as u64);
-    Ok(events.iter().map(|e| Appended { event_id: e.envelope.event_id.clone() }).collect())
+    Ok(())
 }
 
 /// Appends and waits for every outcome, each until the configured deadline.
 pub async fn submit(state: &SharedState, events: Vec<ResourceChanged>) -> Result<Vec<Waited>, ApiError> {
     let receivers: Vec<_> = events.iter().map(|e| state.notifier.register(&e.envelope.event_id)).collect();
-    let appended = match append(state, &events).await {
-        Ok(a) => a,
-        Err(e) => {
-            for ev in &events {
-                state.notifier.forget(&ev.envelope.event_id);
-            }
-            return Err(e);
+    if let Err(e) = append(state, &events).await {
+        for ev in &events {
+            state.notifier.forget(&ev.envelope.event_id);
         }
-    };
+        return Err(e);
+    }
     let deadline = Instant::now() + state.config.write_wait;
-    let waits = appended.into_iter().zip(receivers).map(|(a, rx)| wait(state, a.event_id, rx, deadline));
+    let waits = events.into_iter().zip(receivers).map(|(ev, rx)| wait(state, ev.envelope.event_id, rx, deadline));
     futures::future::try_join_all(waits).await
 }
 
