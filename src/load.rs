@@ -199,6 +199,16 @@ fn read_all(
 }
 
 /// Parses, checks and encodes one chunk: the appendable records and the rejections.
+/// The submissions record of a checked write (`upsert` ran `check_resource` on every change, so
+/// the record carries `headers::VALIDATED`).
+pub fn record(topic: &str, ev: &ResourceChanged) -> Result<Record, schemas::SchemaError> {
+    Ok(Record::new(topic.to_string(), ev.key(), schemas::encode_event(ev)?)
+        .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
+        .header(headers::EVENT_ID, ev.envelope.event_id.clone())
+        .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone())
+        .header(headers::VALIDATED, processors::validate_processor::RULES))
+}
+
 fn prepare(chunk: Vec<Raw>, correlation: &str, topic: &str) -> (Vec<Record>, Vec<(String, OperationOutcome)>) {
     let mut records = Vec::with_capacity(chunk.len());
     let mut rejected = Vec::new();
@@ -214,13 +224,8 @@ fn prepare(chunk: Vec<Raw>, correlation: &str, topic: &str) -> (Vec<Record>, Vec
         };
         for item in items {
             match item {
-                Item::Event(ev) => match schemas::encode_event(&ev) {
-                    Ok(value) => records.push(
-                        Record::new(topic.to_string(), ev.key(), value)
-                            .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
-                            .header(headers::EVENT_ID, ev.envelope.event_id.clone())
-                            .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone()),
-                    ),
+                Item::Event(ev) => match record(topic, &ev) {
+                    Ok(r) => records.push(r),
                     Err(e) => rejected.push((
                         ev.key(),
                         OperationOutcome::error(schemas::IssueType::Exception, format!("cannot encode: {e}")),

@@ -54,7 +54,8 @@ pub fn event(
     }
 }
 
-/// Appends events to the submissions topic in one durable append.
+/// Appends events to the submissions topic in one durable append. Every caller has run
+/// `check_change`/`check_resource` on each change, so the records say so (`headers::VALIDATED`).
 pub async fn append(state: &SharedState, events: &[ResourceChanged]) -> Result<(), ApiError> {
     let topic = topics::full(&state.config.topic_prefix, topics::FHIR_SUBMISSIONS);
     let mut records = Vec::with_capacity(events.len());
@@ -64,7 +65,8 @@ pub async fn append(state: &SharedState, events: &[ResourceChanged]) -> Result<(
             Record::new(topic.clone(), ev.key(), value)
                 .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
                 .header(headers::EVENT_ID, ev.envelope.event_id.clone())
-                .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone()),
+                .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone())
+                .header(headers::VALIDATED, processors::validate_processor::RULES),
         );
     }
     state.log.append(records).await?;

@@ -28,6 +28,12 @@ pub mod headers {
     pub const EVENT_TYPE: &str = "payerx.event-type";
     pub const CORRELATION_ID: &str = "payerx.correlation-id";
     pub const EVENT_ID: &str = "payerx.event-id";
+    /// Submissions: the validation rules (`processors::validate_processor::RULES`) that payerx's
+    /// own edge (HTTP ingest, `payerx load`) already passed this record through. The validate
+    /// processor does not repeat a check with the same rules; without the header, or with other
+    /// rules (another payerx version), it validates. Only payerx should write this header, so
+    /// give other producers on the submissions topic no way to set it (Kafka ACLs / interceptor).
+    pub const VALIDATED: &str = "payerx.validated";
     /// Dead letters: why the record could not be processed.
     pub const ERROR_REASON: &str = "payerx.error.reason";
     /// Dead letters: the stage that refused it.
