@@ -9,9 +9,9 @@ use ingest::audit::AuditLog;
 use ingest::ops::OpsState;
 use ingest::{AppState, IngestConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use processors::ValidateProcessor;
+use processors::{CasesProcessor, ValidateProcessor};
 use projections::resources::ResourceProjection;
-use projections::{ProjectionWorker, ResourceStore, WriteNotifier};
+use projections::{LinkProjection, ProjectionWorker, ResourceStore, WriteNotifier};
 use runtime::processor::RunOptions;
 use runtime::Log;
 use tokio::task::JoinHandle;
@@ -61,12 +61,20 @@ impl App {
         let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
 
         if args.roles.contains(&Role::Processors) {
+            let app_log = log.clone();
             let (log, stop) = (log.clone(), shutdown.clone());
             let opts = RunOptions { group_prefix: prefix.clone(), ..RunOptions::default() };
             let p = Arc::new(ValidateProcessor::new(&prefix));
             tasks.push((
                 "validate",
                 tokio::spawn(async move { Ok(runtime::processor::run(log, p, opts, stop).await?) }),
+            ));
+            let (cases_log, stop) = (app_log.clone(), shutdown.clone());
+            let opts = RunOptions { group_prefix: prefix.clone(), ..RunOptions::default() };
+            let p = Arc::new(CasesProcessor::new(&prefix));
+            tasks.push((
+                "cases",
+                tokio::spawn(async move { Ok(runtime::processor::run(cases_log, p, opts, stop).await?) }),
             ));
         }
         if let (true, Some(db)) = (args.roles.contains(&Role::Projections), &db) {
@@ -79,6 +87,15 @@ impl App {
             };
             let stop = shutdown.clone();
             tasks.push(("resource-projection", tokio::spawn(async move { Ok(worker.run(stop).await?) })));
+            let links = ProjectionWorker {
+                db: db.clone(),
+                log: log.clone(),
+                projection: Arc::new(LinkProjection::new(&prefix)),
+                notifier: None,
+                max_batch: 500,
+            };
+            let stop = shutdown.clone();
+            tasks.push(("attachment-link-projection", tokio::spawn(async move { Ok(links.run(stop).await?) })));
         }
         let ready = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(OpsState {

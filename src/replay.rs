@@ -15,6 +15,8 @@ use crate::config::BackendArgs;
 pub enum ProjectionName {
     /// The FHIR resource view (current versions and history).
     Resources,
+    /// The CDex attachment links (cases, held and linked attachments, closed sets).
+    AttachmentLinks,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -32,6 +34,7 @@ pub async fn replay(backend: &BackendArgs, which: ProjectionName, quiet: bool) -
     let db = backend.open_db().await?;
     let projection: Arc<dyn Projection> = match which {
         ProjectionName::Resources => Arc::new(ResourceProjection::new(&backend.topic_prefix)),
+        ProjectionName::AttachmentLinks => Arc::new(projections::LinkProjection::new(&backend.topic_prefix)),
     };
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(

@@ -7,9 +7,11 @@ pub mod access;
 pub mod audit;
 pub mod bundle;
 pub mod capability;
+pub mod cdex;
 pub mod error;
 pub mod fhir;
 pub mod ops;
+pub mod pas;
 pub mod write;
 
 use std::sync::Arc;
@@ -67,6 +69,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/metadata", get(capability::metadata))
         .route("/", post(bundle::batch_or_transaction))
         .route("/_writes/{event_id}", get(write::write_status))
+        .route("/Claim/$submit", post(pas::submit))
         .route("/{rtype}", post(fhir::create).get(fhir::search_not_supported))
         .route("/{rtype}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete))
         .route("/{rtype}/{id}/_history", get(fhir::history))

@@ -3,15 +3,17 @@
 //! a redelivery or a replay never double-applies or loses an event.
 
 pub mod db;
+pub mod links;
 pub mod outcomes;
 pub mod replay;
 pub mod resources;
 pub mod worker;
 
 pub use db::{Backend, Db};
+pub use links::{LinkProjection, LinkStore};
 pub use outcomes::{EntryOutcome, WriteNotifier, WriteOutcome};
 pub use resources::{ResourceProjection, ResourceStore, StoredResource};
-pub use worker::{Projection, ProjectionWorker};
+pub use worker::{Applied, Projection, ProjectionWorker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {

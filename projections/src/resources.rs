@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::{Any, Row, Transaction};
 
-use crate::worker::{active_generation, Projection};
+use crate::worker::{active_generation, Applied, Projection};
 use crate::{Db, EntryOutcome, ProjectionError, WriteOutcome};
 
 pub const NAME: &str = "resources";
@@ -483,7 +483,7 @@ impl Projection for ResourceProjection {
         tx: &mut Transaction<'static, Any>,
         generation: i64,
         records: &[Consumed],
-    ) -> Result<Vec<(String, WriteOutcome)>, ProjectionError> {
+    ) -> Result<Applied, ProjectionError> {
         let mut events = Vec::with_capacity(records.len());
         for r in records {
             match schemas::decode_event::<ResourceChanged>(&r.value) {
@@ -534,7 +534,7 @@ impl Projection for ResourceProjection {
         }
         self.write_rows(tx, generation, &rows).await?;
         record_outcomes(tx, &outcomes).await?;
-        Ok(outcomes)
+        Ok(Applied { outcomes, emit: Vec::new() })
     }
 }
 

@@ -25,13 +25,24 @@ pub trait Projection: Send + Sync + 'static {
     /// Drops the tables of a retired generation.
     async fn drop_generation(&self, db: &Db, generation: i64) -> Result<(), ProjectionError>;
     /// Applies records inside `tx`. Returns the write outcomes to hand to waiting requests once
-    /// the transaction has committed.
+    /// the transaction has committed, and the events the projection decided to emit.
     async fn apply(
         &self,
         tx: &mut Transaction<'static, Any>,
         generation: i64,
         records: &[Consumed],
-    ) -> Result<Vec<(String, WriteOutcome)>, ProjectionError>;
+    ) -> Result<Applied, ProjectionError>;
+}
+
+/// What applying a batch produced besides its rows.
+#[derive(Default)]
+pub struct Applied {
+    pub outcomes: Vec<(String, WriteOutcome)>,
+    /// Events to append before the transaction commits, each with the index of the record it
+    /// derives from (at-least-once: a crash in between appends them again with the same
+    /// deterministic ids). A replay rebuilds state without repeating what the served generation
+    /// already said: while building, only records the served generation has not applied emit.
+    pub emit: Vec<(usize, runtime::Record)>,
 }
 
 /// The generation a projection serves, creating generation 1 on first use.
@@ -204,7 +215,24 @@ impl ProjectionWorker {
                     return Ok(Step::Reload);
                 }
             }
-            let outcomes = self.projection.apply(&mut tx, generation, &batch).await?;
+            let Applied { outcomes, emit } = self.projection.apply(&mut tx, generation, &batch).await?;
+            if !emit.is_empty() {
+                let served = match pinned {
+                    None => HashMap::new(),
+                    Some(_) => {
+                        let active = active_generation(&self.db, self.projection.as_ref()).await?;
+                        load_offsets(&self.db, name, active).await?
+                    }
+                };
+                let new = |i: usize| {
+                    let r = &batch[i];
+                    r.offset >= served.get(&(r.topic.clone(), r.partition)).copied().unwrap_or(0)
+                };
+                let emit: Vec<_> = emit.into_iter().filter(|(i, _)| new(*i)).map(|(_, r)| r).collect();
+                if !emit.is_empty() {
+                    self.log.append(emit).await?;
+                }
+            }
             let mut next: HashMap<(String, i32), i64> = HashMap::new();
             for r in &batch {
                 next.insert((r.topic.clone(), r.partition), r.offset + 1);

@@ -154,3 +154,139 @@ impl AuditRecorded {
         }
     }
 }
+
+/// What happened to an attachment set; see `avro/attachment-event/v1.avsc` for which fields each
+/// kind fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AttachmentEventKind {
+    CaseOpened,
+    Submitted,
+    Fetched,
+    Held,
+    Linked,
+    Rejected,
+}
+
+/// CDex `AttachTo`, and the `Claim.use` of a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AttachTo {
+    Claim,
+    Preauthorization,
+}
+
+impl AttachTo {
+    /// The FHIR code (`claim`, `preauthorization`).
+    pub fn code(self) -> &'static str {
+        match self {
+            AttachTo::Claim => "claim",
+            AttachTo::Preauthorization => "preauthorization",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<AttachTo> {
+        match code {
+            "claim" => Some(AttachTo::Claim),
+            "preauthorization" => Some(AttachTo::Preauthorization),
+            _ => None,
+        }
+    }
+}
+
+/// A FHIR Identifier reduced to what matching needs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Identifier {
+    pub system: Option<String>,
+    pub value: String,
+}
+
+/// Bytes in the content-addressed blob store (claim check).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    pub sha256: String,
+    pub sha1: String,
+    pub size: i64,
+    pub location: String,
+}
+
+/// One attachment inside a Content resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttachmentContent {
+    pub path: String,
+    pub content_type: Option<String>,
+    pub source_url: Option<String>,
+    pub blob: Option<Blob>,
+}
+
+/// One CDex `Attachment` parameter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmittedAttachment {
+    pub index: i32,
+    pub line_items: Vec<String>,
+    pub code: Option<String>,
+    pub resource_type: String,
+    pub resource: String,
+    pub document_reference: Option<String>,
+    pub content: Vec<AttachmentContent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttachmentEvent {
+    pub envelope: Envelope,
+    pub kind: AttachmentEventKind,
+    pub tracking_id: String,
+    pub submission_id: Option<String>,
+    pub attach_to: Option<AttachTo>,
+    pub member_id: Option<Identifier>,
+    pub payer_id: Option<Identifier>,
+    pub organization_id: Option<Identifier>,
+    pub provider_id: Option<Identifier>,
+    pub admin_ref_number: Option<Identifier>,
+    pub service_date: Option<String>,
+    #[serde(rename = "final")]
+    pub is_final: Option<bool>,
+    pub attachments: Vec<SubmittedAttachment>,
+    pub case_ref: Option<String>,
+    pub case_patient: Option<String>,
+    pub case_items: Vec<String>,
+    pub case_members: Vec<Identifier>,
+    pub unknown_line_items: Vec<String>,
+    pub reason: Option<String>,
+    pub outcome: Option<String>,
+}
+
+impl AttachmentEvent {
+    pub const EVENT_TYPE: &'static str = "AttachmentEvent";
+
+    /// An event of `kind` for `tracking_id` with every optional field empty.
+    pub fn new(envelope: Envelope, kind: AttachmentEventKind, tracking_id: String) -> Self {
+        AttachmentEvent {
+            envelope,
+            kind,
+            tracking_id,
+            submission_id: None,
+            attach_to: None,
+            member_id: None,
+            payer_id: None,
+            organization_id: None,
+            provider_id: None,
+            admin_ref_number: None,
+            service_date: None,
+            is_final: None,
+            attachments: Vec::new(),
+            case_ref: None,
+            case_patient: None,
+            case_items: Vec::new(),
+            case_members: Vec::new(),
+            unknown_line_items: Vec::new(),
+            reason: None,
+            outcome: None,
+        }
+    }
+
+    /// The record key: the tracking id, so a case's story stays in order on one partition.
+    pub fn key(&self) -> String {
+        self.tracking_id.clone()
+    }
+}

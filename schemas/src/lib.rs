@@ -11,7 +11,10 @@ pub mod smart;
 pub mod topics;
 pub mod wire;
 
-pub use events::{AuditOutcome, AuditRecorded, ChangeAction, Envelope, ResourceChange, ResourceChanged, WriteMode};
+pub use events::{
+    AttachTo, AttachmentContent, AttachmentEvent, AttachmentEventKind, AuditOutcome, AuditRecorded, Blob, ChangeAction,
+    Envelope, Identifier, ResourceChange, ResourceChanged, SubmittedAttachment, WriteMode,
+};
 pub use outcome::{IssueSeverity, IssueType, OperationOutcome};
 pub use registry::{decode_event, encode_event, Event, SchemaInfo, SCHEMAS};
 

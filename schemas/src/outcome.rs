@@ -38,6 +38,7 @@ pub enum IssueType {
     Exception,
     Informational,
     Incomplete,
+    BusinessRule,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -41,7 +41,7 @@ impl SchemaInfo {
 
 /// Every schema version ever published, oldest first within a name. Never remove or edit an
 /// entry: add a new version with defaults for its new fields.
-pub static SCHEMAS: [SchemaInfo; 2] = [
+pub static SCHEMAS: [SchemaInfo; 3] = [
     SchemaInfo::new(
         101,
         "ResourceChanged",
@@ -50,6 +50,13 @@ pub static SCHEMAS: [SchemaInfo; 2] = [
         include_str!("../avro/resource-changed/v1.avsc"),
     ),
     SchemaInfo::new(201, "AuditRecorded", 1, "audit-recorded/v1.avsc", include_str!("../avro/audit-recorded/v1.avsc")),
+    SchemaInfo::new(
+        301,
+        "AttachmentEvent",
+        1,
+        "attachment-event/v1.avsc",
+        include_str!("../avro/attachment-event/v1.avsc"),
+    ),
 ];
 
 pub fn by_id(id: u32) -> Option<&'static SchemaInfo> {
@@ -95,6 +102,10 @@ impl Event for crate::events::AuditRecorded {
     fn encode_direct(&self) -> Option<Vec<u8>> {
         Some(codec::encode_audit_recorded(self))
     }
+}
+
+impl Event for crate::events::AttachmentEvent {
+    const NAME: &'static str = crate::events::AttachmentEvent::EVENT_TYPE;
 }
 
 /// Encodes with the newest schema of `E`, framed the Confluent way.
@@ -284,6 +295,57 @@ mod tests {
         let bytes = encode_event(&ev).expect("encode");
         assert_eq!(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]), 201);
         assert_eq!(decode_event::<crate::events::AuditRecorded>(&bytes).expect("decode"), ev);
+    }
+
+    /// Every field of the attachments contract survives the trip, the nested records and the
+    /// `final` field (a Rust keyword) included.
+    #[test]
+    fn attachment_event_round_trip() {
+        use crate::events::*;
+        let id = |v: &str| Some(Identifier { system: Some("http://hl7.org/fhir/sid/us-npi".into()), value: v.into() });
+        let mut ev = AttachmentEvent::new(
+            Envelope::new("AttachmentEvent", 1, "c".into(), Some("ehr".into())),
+            AttachmentEventKind::Linked,
+            "PA-1".into(),
+        );
+        ev.submission_id = Some("sub-1".into());
+        ev.attach_to = Some(AttachTo::Preauthorization);
+        ev.member_id = Some(Identifier { system: None, value: "M1".into() });
+        (ev.payer_id, ev.organization_id, ev.provider_id, ev.admin_ref_number) = (id("p"), id("o"), id("pr"), id("a"));
+        ev.service_date = Some("2026-11-01".into());
+        ev.is_final = Some(false);
+        ev.attachments = vec![SubmittedAttachment {
+            index: 2,
+            line_items: vec!["1".into(), "3".into()],
+            code: Some(r#"{"coding":[{"code":"11506-3"}]}"#.into()),
+            resource_type: "DocumentReference".into(),
+            resource: r#"{"resourceType":"DocumentReference"}"#.into(),
+            document_reference: Some("DocumentReference/d1".into()),
+            content: vec![AttachmentContent {
+                path: "/content/0/attachment".into(),
+                content_type: Some("application/pdf".into()),
+                source_url: None,
+                blob: Some(Blob {
+                    sha256: "ab".repeat(32),
+                    sha1: "x".into(),
+                    size: 1 << 40,
+                    location: "file:///b".into(),
+                }),
+            }],
+        }];
+        ev.case_ref = Some("Claim/c1".into());
+        ev.case_patient = Some("Patient/p1".into());
+        ev.case_items = vec!["1".into()];
+        ev.case_members = vec![Identifier { system: None, value: "M1".into() }];
+        ev.unknown_line_items = vec!["3".into()];
+        ev.reason = Some("r".into());
+        ev.outcome = Some("{}".into());
+        let bytes = encode_event(&ev).expect("encode");
+        assert_eq!(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]), 301);
+        assert_eq!(decode_event::<AttachmentEvent>(&bytes).expect("decode"), ev);
+        let (_, _, json) = decode_to_json(&bytes).expect("json");
+        assert_eq!(json["final"], false);
+        assert_eq!(json["attach_to"], "PREAUTHORIZATION");
     }
 
     #[test]

@@ -14,6 +14,12 @@ pub const VALIDATE_DLQ: &str = "fhir.submissions.dlq";
 /// patient (`Patient/{id}`) when there is one, else `client/{client_id}`.
 pub const AUDIT: &str = "audit";
 
+/// Attachment sets (Da Vinci CDex), `AttachmentEvent`: cases opened, submissions, fetches, held,
+/// linked and rejected attachments. Key: the tracking id.
+pub const ATTACHMENTS: &str = "attachments";
+/// Dead letters of the attachment-link projection.
+pub const ATTACHMENTS_DLQ: &str = "attachments.dlq";
+
 /// Every topic payerx creates at start-up, with its value schema name (DLQs carry the value of
 /// their input topic).
 pub const ALL: &[(&str, &str)] = &[
@@ -21,6 +27,8 @@ pub const ALL: &[(&str, &str)] = &[
     (FHIR_CHANGES, "ResourceChanged"),
     (VALIDATE_DLQ, "ResourceChanged"),
     (AUDIT, "AuditRecorded"),
+    (ATTACHMENTS, "AttachmentEvent"),
+    (ATTACHMENTS_DLQ, "AttachmentEvent"),
 ];
 
 /// Header names used on every record. Values are UTF-8.
