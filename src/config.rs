@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use blobs::{BlobLocation, BlobStore, BlobStoreConfig};
 use clap::{Args, ValueEnum};
 use projections::Db;
 use runtime::{Log, LogConfig, TopicSpec};
@@ -42,6 +43,17 @@ pub struct BackendArgs {
     /// Connections in the views database pool.
     #[arg(long, env = "PAYERX_DB_CONNECTIONS", default_value_t = 8)]
     pub db_connections: u32,
+    /// Attachment blob store: a folder, `file:///path` or `s3://bucket/prefix`;
+    /// `<data-dir>/blobs` when unset. S3 credentials and region come from the usual AWS
+    /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, …).
+    #[arg(long, env = "PAYERX_BLOB_STORE")]
+    pub blob_store: Option<BlobLocation>,
+    /// Endpoint of an S3-compatible server (MinIO, Ceph, …) for an `s3://` blob store.
+    #[arg(long, env = "PAYERX_BLOB_S3_ENDPOINT")]
+    pub blob_s3_endpoint: Option<String>,
+    /// Allow a plain-HTTP S3 endpoint (local servers only).
+    #[arg(long, env = "PAYERX_BLOB_S3_ALLOW_HTTP", default_value_t = false)]
+    pub blob_s3_allow_http: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,6 +124,9 @@ impl BackendArgs {
             replication_factor: 1,
             log_fsync: false,
             db_connections: 8,
+            blob_store: None,
+            blob_s3_endpoint: None,
+            blob_s3_allow_http: false,
         }
     }
 
@@ -149,6 +164,20 @@ impl BackendArgs {
 
     pub fn database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| Db::sqlite_url(&self.data_dir))
+    }
+
+    pub fn blob_store_config(&self) -> BlobStoreConfig {
+        let location = self.blob_store.clone().unwrap_or_else(|| BlobLocation::Local(self.data_dir.join("blobs")));
+        let mut c = BlobStoreConfig::new(location);
+        c.s3_endpoint = self.blob_s3_endpoint.clone();
+        c.s3_allow_http = self.blob_s3_allow_http;
+        c
+    }
+
+    /// Opens the attachment blob store (call inside the Tokio runtime: S3 uploads run on it).
+    pub fn open_blobs(&self) -> anyhow::Result<BlobStore> {
+        let config = self.blob_store_config();
+        BlobStore::from_config(&config).with_context(|| format!("opening the blob store {}", config.location))
     }
 
     pub async fn open_db(&self) -> anyhow::Result<Db> {
