@@ -137,11 +137,14 @@ impl App {
             let state = Arc::new(AppState {
                 log: log.clone(),
                 store: store.clone(),
+                links: projections::LinkStore::new(db.clone()),
+                blobs: backend.open_blobs()?,
                 notifier,
                 config: IngestConfig {
                     topic_prefix: prefix.clone(),
                     write_wait: args.write_wait(),
                     max_body_bytes: args.max_body_bytes,
+                    max_attachment_request_bytes: args.max_attachment_request_bytes,
                     base_url: Some(base_url),
                 },
                 ops: ops.clone(),

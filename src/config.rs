@@ -85,6 +85,11 @@ pub struct ServeArgs {
     /// Largest request body accepted (413 beyond).
     #[arg(long, env = "PAYERX_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Largest `$submit-attachment` request accepted, attachment data included (413 beyond;
+    /// send larger documents by `attachment.url`). The bytes stream to the blob store, so
+    /// memory does not grow with this.
+    #[arg(long, env = "PAYERX_MAX_ATTACHMENT_REQUEST_BYTES", default_value_t = 100 * 1000 * 1000)]
+    pub max_attachment_request_bytes: u64,
     /// Public base URL used in Location and links, and as the token audience (`{base}/fhir`)
     /// and issuer (`{base}/auth`); `http://<listen address>` when unset.
     #[arg(long, env = "PAYERX_BASE_URL")]
@@ -194,6 +199,7 @@ impl ServeArgs {
             roles: vec![Role::Ingest, Role::Processors, Role::Projections],
             write_wait_ms: 5000,
             max_body_bytes: 16 * 1024 * 1024,
+            max_attachment_request_bytes: 100 * 1000 * 1000,
             base_url: None,
             insecure_no_auth: false,
             auth_issuer: None,

@@ -77,12 +77,40 @@ pub fn capability_statement(base: &str, max_body_bytes: usize, smart: Option<&Va
     })
 }
 
+/// The Da Vinci operations: CDex `$submit-attachment` at the system level (with its size limit
+/// and what to do beyond it), PAS `Claim/$submit` and the `Claim/{id}/$attachments` case view.
+pub fn add_operations(cs: &mut Value, max_attachment_request_bytes: u64) {
+    let submit_attachment = json!({
+        "name": "submit-attachment",
+        "definition": "http://hl7.org/fhir/us/davinci-cdex/OperationDefinition/submit-attachment",
+        "documentation": format!(
+            "Da Vinci CDex 2.1 $submit-attachment (POST only). Content: DocumentReference (attachment.data inline, or attachment.url)              and QuestionnaireResponse. Requests are limited to {max_attachment_request_bytes} bytes including the base64 data              (413 beyond): send larger documents by attachment.url instead. Inline data streams to a content-addressed store              (SHA-256) and is served at Binary/{{sha256}}; attachment.size and attachment.hash (SHA-1), when given, must match.              200 = accepted; 200 with an informational OperationOutcome = held for association with a future claim/prior              authorization; 422 = the tracking id's attachment set was closed by an earlier Final=true submission."
+        )
+    });
+    if let Some(rest) = cs.pointer_mut("/rest/0").and_then(Value::as_object_mut) {
+        let ops = rest.entry("operation").or_insert_with(|| json!([]));
+        if let Some(list) = ops.as_array_mut() {
+            list.push(submit_attachment);
+        }
+    }
+    let claim_ops = json!([
+        {"name": "submit", "definition": "http://hl7.org/fhir/us/davinci-pas/OperationDefinition/Claim-submit",
+         "documentation": "Da Vinci PAS prior authorization request (Claim.use = preauthorization). Answers a ClaimResponse with              outcome queued and preAuthRef = the tracking id to use as CDex TrackingId."},
+        {"name": "attachments", "definition": "urn:payerx:OperationDefinition/Claim-attachments",
+         "documentation": "GET Claim/{id}/$attachments: the case view, a Parameters with the Claim and every attachment sent under              its tracking ids with its link status (linked, held, rejected with the reason, duplicate)."}
+    ]);
+    if let Some(resources) = cs.pointer_mut("/rest/0/resource").and_then(Value::as_array_mut) {
+        if let Some(claim) = resources.iter_mut().find(|r| r["type"] == "Claim").and_then(Value::as_object_mut) {
+            claim.insert("operation".into(), claim_ops);
+        }
+    }
+}
+
 pub async fn metadata(State(state): State<SharedState>, headers: HeaderMap) -> Response {
     let base = base_url(&state, &headers);
-    fhir_response(
-        StatusCode::OK,
-        &capability_statement(&base, state.config.max_body_bytes, state.smart_configuration.as_ref()),
-    )
+    let mut cs = capability_statement(&base, state.config.max_body_bytes, state.smart_configuration.as_ref());
+    add_operations(&mut cs, state.config.max_attachment_request_bytes);
+    fhir_response(StatusCode::OK, &cs)
 }
 
 /// `GET /fhir/.well-known/smart-configuration`: JSON whatever the `Accept`; 404 when this server

@@ -544,3 +544,119 @@ mod tests {
         assert!(s.event.attachments[0].content.is_empty());
     }
 }
+
+/// `GET /fhir/Claim/{id}/$attachments`: the case view. The Claim (or prior authorization) with
+/// every attachment sent under its tracking ids and what became of each: linked, held,
+/// rejected (with the reason), or a duplicate of an earlier one.
+pub async fn case_view(
+    axum::extract::State(state): axum::extract::State<crate::SharedState>,
+    caller: crate::access::Caller,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use schemas::smart::Interaction;
+    let vis = caller.authorize("Claim", Interaction::Read)?;
+    let claim = state
+        .store
+        .read("Claim", &id)
+        .await?
+        .filter(|r| !r.deleted && (vis == crate::access::Visibility::All || vis.allows_json(r.content.as_deref())))
+        .and_then(|r| r.content)
+        .and_then(|c| serde_json::from_str::<Value>(&c).ok())
+        .ok_or_else(|| ApiError::not_found(format!("Claim/{id} is not known")))?;
+    let view = state.links.case(&format!("Claim/{id}")).await?;
+    let mut parameter = vec![serde_json::json!({"name": "case", "resource": claim})];
+    for t in &view.tracking_ids {
+        parameter.push(serde_json::json!({"name": "trackingId", "valueString": t}));
+    }
+    for (tracking, by) in &view.closed_by {
+        parameter.push(serde_json::json!({"name": "closedBy", "part": [
+            {"name": "trackingId", "valueString": tracking}, {"name": "submission", "valueString": by}]}));
+    }
+    for item in &view.items {
+        let mut part = vec![
+            serde_json::json!({"name": "submission", "valueString": item.submission_id}),
+            serde_json::json!({"name": "index", "valueInteger": item.index}),
+            serde_json::json!({"name": "trackingId", "valueString": item.tracking_id}),
+            serde_json::json!({"name": "status", "valueCode": item.status.as_str()}),
+            serde_json::json!({"name": "final", "valueBoolean": item.is_final}),
+            serde_json::json!({"name": "received", "valueInstant": projections::resources::instant(item.received_at)}),
+        ];
+        if let Some(d) = &item.document_reference {
+            part.push(serde_json::json!({"name": "documentReference", "valueReference": {"reference": d}}));
+        }
+        if let Some(r) = &item.reason {
+            part.push(serde_json::json!({"name": "reason", "valueString": r}));
+        }
+        for l in &item.attachment.line_items {
+            part.push(serde_json::json!({"name": "lineItem", "valueString": l}));
+        }
+        for l in &item.unknown_line_items {
+            part.push(serde_json::json!({"name": "unknownLineItem", "valueString": l}));
+        }
+        if let Ok(content) = serde_json::from_str::<Value>(&item.attachment.resource) {
+            part.push(serde_json::json!({"name": "content", "resource": content}));
+        }
+        parameter.push(serde_json::json!({"name": "attachment", "part": part}));
+    }
+    Ok(crate::error::fhir_response(
+        StatusCode::OK,
+        &serde_json::json!({"resourceType": "Parameters", "parameter": parameter}),
+    ))
+}
+
+/// `GET /fhir/Binary/{id}`: the bytes of an attachment (the id is their SHA-256), streamed with
+/// the content type it was sent with. A patient-scoped token sees only the attachments linked
+/// to a case of its patient; other Binary ids are ordinary stored resources.
+pub async fn binary(
+    axum::extract::State(state): axum::extract::State<crate::SharedState>,
+    caller: crate::access::Caller,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::http::{header, HeaderValue};
+    use schemas::smart::Interaction;
+    let is_hash = id.len() == 64 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !is_hash {
+        return crate::fhir::read(axum::extract::State(state), caller, axum::extract::Path(("Binary".to_string(), id)))
+            .await;
+    }
+    let vis = caller.authorize("Binary", Interaction::Read)?;
+    let holders = state.links.blob_holders(&id).await?;
+    let visible: Vec<_> = holders
+        .iter()
+        .filter(|h| match &vis {
+            crate::access::Visibility::All => true,
+            crate::access::Visibility::Compartment(pid) => h.patient.as_deref() == Some(&format!("Patient/{pid}")),
+        })
+        .collect();
+    let not_found = || ApiError::not_found(format!("Binary/{id} is not known"));
+    if visible.is_empty() {
+        return Err(not_found());
+    }
+    let content_type =
+        visible.iter().find_map(|h| h.content_type.clone()).unwrap_or_else(|| "application/octet-stream".into());
+    let etag = format!("\"{id}\"");
+    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+        return Ok(axum::response::IntoResponse::into_response(StatusCode::NOT_MODIFIED));
+    }
+    let blob = state.blobs.open(&id).await.map_err(|e| {
+        if e.is_retriable() {
+            ApiError::unavailable(format!("the attachment store is unavailable: {e}"))
+        } else {
+            ApiError::internal(e)
+        }
+    })?;
+    let Some(blob) = blob else { return Err(not_found()) };
+    let mut resp = axum::response::Response::new(axum::body::Body::from_stream(blob.stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(blob.size));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    Ok(resp)
+}

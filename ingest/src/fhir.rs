@@ -53,7 +53,8 @@ pub fn check_id(rtype: &str, id: &str) -> Result<(), ApiError> {
 
 /// Reads a JSON request body: checks the media type (415), the size (413, before parsing) and
 /// the JSON itself (400).
-pub async fn json_body(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
+/// 415 unless the body is declared as FHIR JSON.
+pub fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if !matches!(mime.as_str(), "application/fhir+json" | "application/json" | "application/json+fhir") {
@@ -63,6 +64,11 @@ pub async fn json_body(state: &SharedState, headers: &HeaderMap, body: Body) -> 
             format!("Content-Type '{ctype}' is not supported; send application/fhir+json"),
         ));
     }
+    Ok(())
+}
+
+pub async fn json_body(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
+    check_json_content_type(headers)?;
     let limit = state.config.max_body_bytes;
     let too_large = || {
         ApiError::new(

@@ -32,6 +32,8 @@ pub struct IngestConfig {
     pub write_wait: Duration,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Largest `$submit-attachment` request (its bytes stream to the blob store).
+    pub max_attachment_request_bytes: u64,
     /// Public base URL (e.g. `https://payer.example/`); derived from the request when unset.
     pub base_url: Option<String>,
 }
@@ -42,6 +44,7 @@ impl Default for IngestConfig {
             topic_prefix: "payerx.".into(),
             write_wait: Duration::from_secs(5),
             max_body_bytes: 16 * 1024 * 1024,
+            max_attachment_request_bytes: 100 * 1000 * 1000,
             base_url: None,
         }
     }
@@ -50,6 +53,10 @@ impl Default for IngestConfig {
 pub struct AppState {
     pub log: Arc<dyn Log>,
     pub store: Arc<ResourceStore>,
+    /// CDex attachment sets: cases, link status, who holds each blob.
+    pub links: projections::LinkStore,
+    /// Attachment bytes, by SHA-256.
+    pub blobs: blobs::BlobStore,
     pub notifier: Arc<WriteNotifier>,
     pub config: IngestConfig,
     pub ops: ops::SharedOps,
@@ -63,6 +70,26 @@ pub struct AppState {
 
 pub type SharedState = Arc<AppState>;
 
+// `/Binary/{id}` has a route of its own for GET (attachment bytes); writes stay generic.
+async fn binary_update(
+    state: axum::extract::State<SharedState>,
+    caller: access::Caller,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: axum::body::Body,
+) -> Result<axum::response::Response, error::ApiError> {
+    fhir::update(state, caller, headers, axum::extract::Path(("Binary".into(), id)), body).await
+}
+
+async fn binary_delete(
+    state: axum::extract::State<SharedState>,
+    caller: access::Caller,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::response::Response, error::ApiError> {
+    fhir::delete(state, caller, headers, axum::extract::Path(("Binary".into(), id))).await
+}
+
 /// The whole HTTP API.
 pub fn router(state: SharedState) -> Router {
     let fhir = Router::new()
@@ -70,6 +97,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/", post(bundle::batch_or_transaction))
         .route("/_writes/{event_id}", get(write::write_status))
         .route("/Claim/$submit", post(pas::submit))
+        .route("/Claim/{id}/$attachments", get(cdex::case_view))
+        .route("/Binary/{id}", get(cdex::binary).put(binary_update).delete(binary_delete))
         .route("/{rtype}", post(fhir::create).get(fhir::search_not_supported))
         .route("/{rtype}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete))
         .route("/{rtype}/{id}/_history", get(fhir::history))

@@ -36,6 +36,9 @@ fn items_table(g: i64) -> String {
 fn sets_table(g: i64) -> String {
     format!("att_sets_g{g}")
 }
+fn blobs_table(g: i64) -> String {
+    format!("att_blobs_g{g}")
+}
 
 /// A case an attachment can be linked to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -394,6 +397,24 @@ async fn save_state(
         .bind(serde_json::to_string(item).map_err(json_err)?)
         .execute(&mut **tx)
         .await?;
+        if before.items.get(seq).is_none() {
+            // Which attachment sets hold each blob: Binary reads find their content type and
+            // their patient through it.
+            for c in &item.attachment.content {
+                let Some(b) = &c.blob else { continue };
+                sqlx::query(&format!(
+                    "INSERT INTO {} (sha256, tracking_id, seq, content_type) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (sha256, tracking_id, seq) DO NOTHING",
+                    blobs_table(g)
+                ))
+                .bind(b.sha256.as_str())
+                .bind(tracking)
+                .bind(seq as i64)
+                .bind(c.content_type.as_deref())
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
     }
     if let (None, Some(closer)) = (&before.closed_by, &state.closed_by) {
         sqlx::query(&format!("INSERT INTO {} (tracking_id, closed_by) VALUES ($1, $2)", sets_table(g)))
@@ -525,7 +546,7 @@ impl Projection for LinkProjection {
     }
 
     async fn create_generation(&self, db: &Db, g: i64) -> Result<(), ProjectionError> {
-        let (cases, items, sets) = (cases_table(g), items_table(g), sets_table(g));
+        let (cases, items, sets, blobs) = (cases_table(g), items_table(g), sets_table(g), blobs_table(g));
         for stmt in [
             format!(
                 "CREATE TABLE IF NOT EXISTS {cases} (tracking_id TEXT NOT NULL, seq BIGINT NOT NULL, case_ref TEXT NOT NULL,
@@ -539,6 +560,10 @@ impl Projection for LinkProjection {
             format!("CREATE INDEX IF NOT EXISTS {items}_case ON {items} (case_ref)"),
             format!("CREATE INDEX IF NOT EXISTS {items}_submission ON {items} (submission_id)"),
             format!("CREATE TABLE IF NOT EXISTS {sets} (tracking_id TEXT PRIMARY KEY, closed_by TEXT NOT NULL)"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {blobs} (sha256 TEXT NOT NULL, tracking_id TEXT NOT NULL, seq BIGINT NOT NULL,
+                 content_type TEXT, PRIMARY KEY (sha256, tracking_id, seq))"
+            ),
         ] {
             db.execute_ddl(&stmt).await?;
         }
@@ -546,7 +571,7 @@ impl Projection for LinkProjection {
     }
 
     async fn drop_generation(&self, db: &Db, g: i64) -> Result<(), ProjectionError> {
-        for t in [cases_table(g), items_table(g), sets_table(g)] {
+        for t in [cases_table(g), items_table(g), sets_table(g), blobs_table(g)] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {t}")).execute(&db.pool).await?;
         }
         sqlx::query("DELETE FROM projection_offsets WHERE projection = $1 AND generation = $2")
@@ -592,6 +617,14 @@ pub struct LinkStore {
     db: Db,
 }
 
+/// One attachment that carries a blob.
+#[derive(Debug, Clone)]
+pub struct BlobHolder {
+    pub content_type: Option<String>,
+    pub patient: Option<String>,
+    pub case_ref: Option<String>,
+}
+
 /// A case with its attachments, for the case view.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaseView {
@@ -621,6 +654,35 @@ impl LinkStore {
         let state = load_state(&mut tx, g, tracking_id).await?;
         tx.commit().await?;
         Ok(state)
+    }
+
+    /// Who holds a blob: for each attachment carrying it, its content type and the case's
+    /// patient when it is linked (`None` while held, or for a case without a known patient).
+    pub async fn blob_holders(&self, sha256: &str) -> Result<Vec<BlobHolder>, ProjectionError> {
+        let Some(g) = self.generation().await? else { return Ok(Vec::new()) };
+        let rows =
+            sqlx::query(&format!("SELECT tracking_id, seq, content_type FROM {} WHERE sha256 = $1", blobs_table(g)))
+                .bind(sha256)
+                .fetch_all(&self.db.pool)
+                .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let tracking: String = row.try_get(0)?;
+            let seq: i64 = row.try_get(1)?;
+            let state = self.tracking(&tracking).await?;
+            let item = usize::try_from(seq).ok().and_then(|s| state.items.get(s));
+            let patient = item
+                .filter(|i| i.status == LinkStatus::Linked || i.status == LinkStatus::Duplicate)
+                .and_then(|i| i.case_ref.as_ref())
+                .and_then(|r| state.cases.iter().find(|c| &c.case_ref == r))
+                .and_then(|c| c.patient.clone());
+            out.push(BlobHolder {
+                content_type: row.try_get(2)?,
+                patient,
+                case_ref: item.and_then(|i| i.case_ref.clone()),
+            });
+        }
+        Ok(out)
     }
 
     /// The attachments of the case `case_ref` (`Claim/{id}`): those linked to it and those

@@ -230,6 +230,22 @@ impl Harness {
         }
         panic!("timed out waiting for: {what}");
     }
+
+    /// Waits until `check` gives a value (bounded like [`Harness::eventually`]) and returns it.
+    pub async fn until<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(v) = check().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
 }
 
 pub async fn json(r: reqwest::Response) -> Value {
