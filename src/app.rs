@@ -42,6 +42,11 @@ pub struct App {
     pub log: Arc<dyn Log>,
     /// The views (absent in a processors-only process, which never touches the database).
     pub store: Option<Arc<ResourceStore>>,
+    /// The CDex link view (with the views).
+    pub links: Option<projections::LinkStore>,
+    /// The attachment blob store (ingest role).
+    pub blobs: Option<blobs::BlobStore>,
+    pub topic_prefix: String,
     /// The authorization server (ingest role, unless `--insecure-no-auth`).
     pub auth: Option<Arc<auth::AuthServer>>,
     pub shutdown: CancellationToken,
@@ -113,6 +118,7 @@ impl App {
 
         let mut addr = None;
         let mut auth_server = None;
+        let blob_store = if args.roles.contains(&Role::Ingest) { Some(backend.open_blobs()?) } else { None };
         if let (true, Some(store), Some(db)) = (args.roles.contains(&Role::Ingest), &store, &db) {
             let listener =
                 tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
@@ -138,7 +144,7 @@ impl App {
                 log: log.clone(),
                 store: store.clone(),
                 links: projections::LinkStore::new(db.clone()),
-                blobs: backend.open_blobs()?,
+                blobs: blob_store.clone().context("the ingest role opens the blob store")?,
                 notifier,
                 config: IngestConfig {
                     topic_prefix: prefix.clone(),
@@ -169,8 +175,20 @@ impl App {
             auth_server = auth;
         }
         ready.store(true, Ordering::Release);
-        tracing::info!(?addr, log = log.backend(), views = ?db.map(|d| d.backend), roles = ?args.roles, "payerx started");
-        Ok(App { addr, admin_addr, log, store, auth: auth_server, shutdown, tasks })
+        tracing::info!(?addr, log = log.backend(), views = ?db.as_ref().map(|d| d.backend), roles = ?args.roles, "payerx started");
+        let links = db.as_ref().map(|db| projections::LinkStore::new(db.clone()));
+        Ok(App {
+            addr,
+            admin_addr,
+            log,
+            store,
+            links,
+            blobs: blob_store,
+            topic_prefix: prefix,
+            auth: auth_server,
+            shutdown,
+            tasks,
+        })
     }
 
     /// The views' query side. Panics in a processors-only process (a programming error).

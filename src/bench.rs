@@ -44,6 +44,8 @@ pub enum BenchCommand {
     Ingest(IngestBenchArgs),
     /// What authorization costs: authorized reads against the same with --insecure-no-auth.
     Auth(crate::bench_auth::AuthBenchArgs),
+    /// CDex attachments: submissions/s, large bodies, time to "linked", beside the blob store.
+    Attachments(crate::bench_attachments::AttachmentBenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -81,6 +83,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Ingest(args) => ingest(args).await,
         BenchCommand::Auth(args) => crate::bench_auth::run(args).await,
+        BenchCommand::Attachments(args) => crate::bench_attachments::run(args).await,
     }
 }
 
@@ -90,18 +93,18 @@ const CHUNK: usize = 1000;
 const VISIBLE_POLL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Serialize)]
-struct Latency {
+pub(crate) struct Latency {
     /// What one sample is.
     of: &'static str,
     samples: usize,
-    p50_ms: f64,
-    p99_ms: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
     p999_ms: f64,
     max_ms: f64,
 }
 
 impl Latency {
-    fn from(of: &'static str, mut samples: Vec<Duration>) -> Option<Latency> {
+    pub(crate) fn from(of: &'static str, mut samples: Vec<Duration>) -> Option<Latency> {
         if samples.is_empty() {
             return None;
         }
@@ -191,12 +194,12 @@ fn status_kib(field: &str) -> Option<u64> {
 }
 
 /// Peak resident set (VmHWM) of this process, KiB.
-fn peak_rss_kib() -> Option<u64> {
+pub(crate) fn peak_rss_kib() -> Option<u64> {
     status_kib("VmHWM:")
 }
 
 /// Resets VmHWM to the current RSS (Linux ≥ 4.0), so each phase reports its own peak.
-fn reset_peak_rss() -> bool {
+pub(crate) fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 

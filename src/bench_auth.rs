@@ -39,7 +39,7 @@ struct Round {
 
 const PATIENTS: usize = 200;
 
-fn fresh_backend(base: &BackendArgs) -> (BackendArgs, Option<std::path::PathBuf>) {
+pub(crate) fn fresh_backend(base: &BackendArgs) -> (BackendArgs, Option<std::path::PathBuf>) {
     let mut b = base.clone();
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     if b.kafka_brokers.is_some() {

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod bench;
+pub mod bench_attachments;
 pub mod bench_auth;
 pub mod config;
 pub mod events;
