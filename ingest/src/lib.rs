@@ -10,6 +10,7 @@ pub mod capability;
 pub mod error;
 pub mod fhir;
 pub mod ops;
+pub mod search;
 pub mod write;
 
 use std::sync::Arc;
@@ -67,7 +68,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/metadata", get(capability::metadata))
         .route("/", post(bundle::batch_or_transaction))
         .route("/_writes/{event_id}", get(write::write_status))
-        .route("/{rtype}", post(fhir::create).get(fhir::search_not_supported))
+        .route("/{rtype}", post(fhir::create).get(search::search_get))
+        .route("/{rtype}/_search", post(search::search_post))
         .route("/{rtype}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete))
         .route("/{rtype}/{id}/_history", get(fhir::history))
         .route("/{rtype}/{id}/_history/{vid}", get(fhir::vread))
