@@ -201,6 +201,7 @@ fn describe(method: &axum::http::Method, path: &str) -> (String, Option<String>,
         ("GET", [_, _]) => "fhir.read",
         ("GET", [_]) => "fhir.search",
         ("PUT", _) => "fhir.update",
+        ("POST", [_, "_search"]) => "fhir.search",
         ("POST", []) => "fhir.bundle",
         ("POST", _) => "fhir.create",
         ("DELETE", _) => "fhir.delete",
@@ -377,6 +378,8 @@ mod tests {
         assert_eq!(describe(&get, "/fhir/Patient/1/_history/2").0, "fhir.vread");
         assert_eq!(describe(&get, "/fhir/Patient/1/_history").0, "fhir.history");
         assert_eq!(describe(&axum::http::Method::POST, "/fhir").0, "fhir.bundle");
+        assert_eq!(describe(&get, "/fhir/Claim").0, "fhir.search");
+        assert_eq!(describe(&axum::http::Method::POST, "/fhir/Claim/_search").0, "fhir.search");
         let (a, t, id) = describe(&axum::http::Method::PUT, "/fhir/Coverage/c1");
         assert_eq!((a.as_str(), t.as_deref(), id.as_deref()), ("fhir.update", Some("Coverage"), Some("c1")));
     }

@@ -35,13 +35,18 @@ fn security(smart: Option<&Value>) -> Value {
 pub fn capability_statement(base: &str, max_body_bytes: usize, smart: Option<&Value>) -> Value {
     let interactions = json!([
         {"code": "read"}, {"code": "vread"}, {"code": "history-instance"},
-        {"code": "update"}, {"code": "create"}, {"code": "delete"}
+        {"code": "update"}, {"code": "create"}, {"code": "delete"}, {"code": "search-type"}
     ]);
     let resources: Vec<Value> = processors::validate::resource_types()
         .map(|t| {
+            // Every type answers _id and _lastUpdated; the registry adds the rest.
+            let (search_params, includes, revincludes) = crate::search::capability(t);
             json!({
                 "type": t,
                 "interaction": interactions,
+                "searchParam": search_params,
+                "searchInclude": includes,
+                "searchRevInclude": revincludes,
                 "versioning": "versioned-update",
                 "readHistory": true,
                 "updateCreate": true,
@@ -66,7 +71,14 @@ pub fn capability_statement(base: &str, max_body_bytes: usize, smart: Option<&Va
             "documentation": format!(
                 "Every write becomes an event on the log and is answered once the read view shows it; if that takes longer than the \
                  configured wait, the answer is 202 with a Content-Location to poll. Request bodies are limited to {max_body_bytes} bytes \
-                 (413 beyond); Bundles to 10000 entries. Search is not implemented yet."
+                 (413 beyond); Bundles to 10000 entries. Search: GET [type]?… and POST [type]/_search; repeated parameters AND, \
+                 commas OR; string :exact/:contains, :missing, reference :[type]; date prefixes eq ne gt lt ge le sa eb; _count up to {} \
+                 (default {}); results ordered by _id (_sort=_id or -_id), paged with next links that neither repeat nor drop \
+                 resources while data changes; _include/_revinclude (not :iterate), at most {} included resources a page; \
+                 _total=accurate and _summary=count. Unknown parameters are refused (400) unless Prefer: handling=lenient.",
+                projections::search::MAX_COUNT,
+                projections::search::DEFAULT_COUNT,
+                projections::search::plan::MAX_INCLUDES
             ),
             "resource": resources,
             "interaction": [

@@ -53,6 +53,9 @@ impl ApiError {
 
 impl From<projections::ProjectionError> for ApiError {
     fn from(e: projections::ProjectionError) -> Self {
+        if let projections::ProjectionError::Search(issue) = e {
+            return issue.into();
+        }
         if e.is_retriable() {
             ApiError::unavailable(format!("the read view is unavailable: {e}"))
         } else {

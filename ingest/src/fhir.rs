@@ -377,15 +377,6 @@ pub async fn delete(
     respond(&state, &headers, waited.remove(0)).await
 }
 
-pub async fn search_not_supported(Path(rtype): Path<String>) -> Result<Response, ApiError> {
-    check_type(&rtype)?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        IssueType::NotSupported,
-        format!("search on {rtype} is not implemented yet; see GET /fhir/metadata for what is"),
-    ))
-}
-
 pub async fn unknown_route(OriginalUri(uri): OriginalUri) -> ApiError {
     ApiError::not_found(format!("no FHIR interaction at {}", uri.path()))
 }

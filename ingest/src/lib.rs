@@ -12,6 +12,7 @@ pub mod error;
 pub mod fhir;
 pub mod ops;
 pub mod pas;
+pub mod search;
 pub mod write;
 
 use std::sync::Arc;
@@ -99,7 +100,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/Claim/$submit", post(pas::submit))
         .route("/Claim/{id}/$attachments", get(cdex::case_view))
         .route("/Binary/{id}", get(cdex::binary).put(binary_update).delete(binary_delete))
-        .route("/{rtype}", post(fhir::create).get(fhir::search_not_supported))
+        .route("/{rtype}", post(fhir::create).get(search::search_get))
+        .route("/{rtype}/_search", post(search::search_post))
         .route("/{rtype}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete))
         .route("/{rtype}/{id}/_history", get(fhir::history))
         .route("/{rtype}/{id}/_history/{vid}", get(fhir::vread))

@@ -7,6 +7,7 @@ pub mod links;
 pub mod outcomes;
 pub mod replay;
 pub mod resources;
+pub mod search;
 pub mod worker;
 
 pub use db::{Backend, Db};
@@ -23,6 +24,9 @@ pub enum ProjectionError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Log(#[from] runtime::LogError),
+    /// A search the client must fix (rendered as 400 naming the parameter).
+    #[error("search parameter {0}")]
+    Search(search::SearchIssue),
     #[error("{0}")]
     Other(String),
 }

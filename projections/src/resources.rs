@@ -13,12 +13,13 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::{Any, Row, Transaction};
 
+use crate::search;
 use crate::worker::{active_generation, Applied, Projection};
 use crate::{Db, EntryOutcome, ProjectionError, WriteOutcome};
 
 pub const NAME: &str = "resources";
 
-fn current_table(generation: i64) -> String {
+pub(crate) fn current_table(generation: i64) -> String {
     format!("res_current_g{generation}")
 }
 
@@ -70,7 +71,7 @@ type Key = (String, String);
 
 /// The members of a JSON object with their values left unparsed: a resource is stamped without
 /// building (and re-serializing) its whole tree.
-struct Members<'a>(Vec<(String, &'a RawValue)>);
+pub(crate) struct Members<'a>(pub(crate) Vec<(String, &'a RawValue)>);
 
 impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -259,13 +260,13 @@ const CHUNK: usize = 100;
 /// Bind-parameter style. SQLite gets positional `?`: sqlx resolves every `$N` through SQLite's
 /// name lookup, which is linear per parameter and so quadratic in a multi-row statement.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Params {
+pub(crate) enum Params {
     Positional,
     Numbered,
 }
 
 impl Params {
-    fn of(tx: &Transaction<'static, Any>) -> Params {
+    pub(crate) fn of(tx: &Transaction<'static, Any>) -> Params {
         if tx.backend_name().eq_ignore_ascii_case("sqlite") {
             Params::Positional
         } else {
@@ -273,7 +274,7 @@ impl Params {
         }
     }
 
-    fn one(self, n: usize) -> String {
+    pub(crate) fn one(self, n: usize) -> String {
         match self {
             Params::Positional => "?".to_string(),
             Params::Numbered => format!("${n}"),
@@ -281,7 +282,7 @@ impl Params {
     }
 
     /// `(?, ?), (?, ?)` or `($1, $2), ($3, $4)` for `rows` rows of `cols` columns.
-    fn rows(self, rows: usize, cols: usize) -> String {
+    pub(crate) fn rows(self, rows: usize, cols: usize) -> String {
         (0..rows)
             .map(|r| format!("({})", (0..cols).map(|c| self.one(r * cols + c + 1)).collect::<Vec<_>>().join(", ")))
             .collect::<Vec<_>>()
@@ -289,7 +290,7 @@ impl Params {
     }
 
     /// A list of `n` parameters, the first being number `from`.
-    fn list(self, from: usize, n: usize) -> String {
+    pub(crate) fn list(self, from: usize, n: usize) -> String {
         (from..from + n).map(|i| self.one(i)).collect::<Vec<_>>().join(", ")
     }
 }
@@ -359,6 +360,7 @@ impl ResourceProjection {
         tx: &mut Transaction<'static, Any>,
         generation: i64,
         rows: &[VersionRow],
+        live_before: &HashSet<Key>,
     ) -> Result<(), ProjectionError> {
         let hist_t = history_table(generation);
         let cur_t = current_table(generation);
@@ -409,6 +411,17 @@ impl ResourceProjection {
             }
             q.execute(&mut **tx).await?;
         }
+        // Search index rows follow the current rows, in the same transaction.
+        let changed: Vec<search::index::Current> = finals
+            .iter()
+            .map(|r| search::index::Current {
+                resource_type: &r.resource_type,
+                id: &r.id,
+                content: r.content.as_deref(),
+                had_rows: live_before.contains(&(r.resource_type.clone(), r.id.clone())),
+            })
+            .collect();
+        search::index::replace(tx, generation, &changed).await?;
         Ok(())
     }
 }
@@ -460,14 +473,18 @@ impl Projection for ResourceProjection {
             ),
             format!("CREATE INDEX IF NOT EXISTS {hist}_event ON {hist} (event_id)"),
             format!("CREATE INDEX IF NOT EXISTS {cur}_type_updated ON {cur} (resource_type, last_updated_us)"),
-        ] {
+        ]
+        .into_iter()
+        .chain(search::index::ddl(db.backend, generation))
+        {
             db.execute_ddl(&stmt).await?;
         }
         Ok(())
     }
 
     async fn drop_generation(&self, db: &Db, generation: i64) -> Result<(), ProjectionError> {
-        for t in [current_table(generation), history_table(generation)] {
+        let [idx, dates] = search::index::tables(generation);
+        for t in [current_table(generation), history_table(generation), idx, dates] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {t}")).execute(&db.pool).await?;
         }
         sqlx::query("DELETE FROM projection_offsets WHERE projection = $1 AND generation = $2")
@@ -508,6 +525,8 @@ impl Projection for ResourceProjection {
             .flat_map(|(_, ev)| ev.changes.iter().map(|c| (c.resource_type.clone(), c.resource_id.clone())))
             .collect();
         let mut currents = self.load_currents(tx, &current_table(generation), &keys).await?;
+        // Resources with index rows now: only those need their rows deleted before new ones.
+        let live_before: HashSet<Key> = currents.iter().filter(|(_, c)| !c.deleted).map(|(k, _)| k.clone()).collect();
         let mut rows = Vec::new();
         let mut outcomes = Vec::with_capacity(events.len());
         for (r, ev) in &events {
@@ -532,7 +551,7 @@ impl Projection for ResourceProjection {
             // Keyed by the submission the client waits on, not by this derived event.
             outcomes.push((ev.envelope.origin_id().to_string(), outcome));
         }
-        self.write_rows(tx, generation, &rows).await?;
+        self.write_rows(tx, generation, &rows, &live_before).await?;
         record_outcomes(tx, &outcomes).await?;
         Ok(Applied { outcomes, emit: Vec::new() })
     }
@@ -562,7 +581,7 @@ pub struct ResourceStore {
 
 const GENERATION_TTL: Duration = Duration::from_millis(500);
 
-fn stored(r: &sqlx::any::AnyRow, rtype: &str, id: &str) -> Result<StoredResource, sqlx::Error> {
+pub(crate) fn stored(r: &sqlx::any::AnyRow, rtype: &str, id: &str) -> Result<StoredResource, sqlx::Error> {
     Ok(StoredResource {
         resource_type: rtype.to_string(),
         id: id.to_string(),
@@ -588,13 +607,19 @@ impl ResourceStore {
         &self.db
     }
 
-    async fn generation(&self) -> Result<i64, ProjectionError> {
+    pub(crate) async fn generation(&self) -> Result<i64, ProjectionError> {
         if let Ok(g) = self.generation.lock() {
             if g.0 > 0 && g.1.elapsed() < GENERATION_TTL {
                 return Ok(g.0);
             }
         }
         let g = active_generation(&self.db, &self.projection).await?;
+        let known = self.generation.lock().map(|slot| slot.0).unwrap_or(0);
+        if known != g {
+            // A view created before an upgrade may lack tables added since (e.g. the search
+            // index): make them, empty, rather than fail every query until a replay.
+            self.projection.create_generation(&self.db, g).await?;
+        }
         if let Ok(mut slot) = self.generation.lock() {
             *slot = (g, Instant::now());
         }

@@ -32,6 +32,16 @@ pub fn has_patient_compartment(rtype: &str) -> bool {
     rtype == "Patient" || index().contains_key(rtype)
 }
 
+/// The top-level elements whose references decide compartment membership (e.g. `patient`,
+/// `payee` for ExplanationOfBenefit): what a caller must keep of a resource for `patients_of`.
+pub fn roots(rtype: &str) -> Vec<&'static str> {
+    let mut out: Vec<&str> =
+        index().get(rtype).map(|ps| ps.iter().filter_map(|p| p.first().copied()).collect()).unwrap_or_default();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 fn collect<'a>(v: &'a Value, path: &[&str], out: &mut Vec<&'a Value>) {
     match v {
         Value::Array(items) => items.iter().for_each(|i| collect(i, path, out)),
@@ -109,6 +119,8 @@ mod tests {
         assert!(!in_patient_compartment(&cov, "o"));
         let cond = json!({"resourceType": "Condition", "subject": {"reference": "Group/g1"}});
         assert!(patients_of(&cond).is_empty());
+        assert_eq!(roots("ExplanationOfBenefit"), ["patient", "payee"]);
+        assert!(roots("Organization").is_empty());
         let p = json!({"resourceType": "Patient", "id": "p1"});
         assert!(in_patient_compartment(&p, "p1") && !in_patient_compartment(&p, "p2"));
         // A reference to a resource merely named like a patient is not one.

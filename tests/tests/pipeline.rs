@@ -349,7 +349,7 @@ async fn bad_input_gets_operation_outcomes(h: Harness) {
     let patient_cs = cs["rest"][0]["resource"].as_array().unwrap().iter().find(|r| r["type"] == "Patient").unwrap();
     let codes: Vec<&str> =
         patient_cs["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
-    assert_eq!(codes, ["read", "vread", "history-instance", "update", "create", "delete"]);
+    assert_eq!(codes, ["read", "vread", "history-instance", "update", "create", "delete", "search-type"]);
     assert_eq!(h.get("/healthz").await.status(), 200);
     assert_eq!(h.get("/readyz").await.status(), 200);
     assert_eq!(h.put("/fhir/Patient/ok", &patient("ok", "A")).await.status(), 201);

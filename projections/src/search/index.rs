@@ -1,0 +1,137 @@
+//! The index tables of a generation and their upkeep, inside the resource projection's
+//! transaction: whenever a resource's current version changes, its rows are replaced.
+
+use std::collections::BTreeMap;
+
+use sqlx::{Any, Transaction};
+
+use super::extract::{extract, IndexValue};
+use super::{date_table, text_table};
+use crate::db::Backend;
+use crate::resources::Params;
+use crate::ProjectionError;
+
+/// Rows per multi-row insert (5 binds each: well under either backend's bind limit).
+const ROWS: usize = 400;
+/// Ids per `DELETE … IN (…)`.
+const IDS: usize = 500;
+
+/// `CREATE` statements for the index tables of `generation`. Both are clustered by resource
+/// (cheap replacement) with a second index for lookups by parameter and value.
+pub(crate) fn ddl(backend: Backend, generation: i64) -> Vec<String> {
+    let (t, d) = (text_table(generation), date_table(generation));
+    // SQLite: WITHOUT ROWID stores rows in primary-key order, so the key is the only copy.
+    // PostgreSQL: byte order ("C") for `value`, so string prefix ranges use the index.
+    let (rowid, collate) = match backend {
+        Backend::Sqlite => (" WITHOUT ROWID", ""),
+        Backend::Postgres => ("", " COLLATE \"C\""),
+    };
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t} (resource_type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+             value TEXT{collate} NOT NULL, system TEXT NOT NULL, PRIMARY KEY (resource_type, id, param, value, system)){rowid}"
+        ),
+        format!("CREATE INDEX IF NOT EXISTS {t}_lookup ON {t} (resource_type, param, value)"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {d} (resource_type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+             lo BIGINT NOT NULL, hi BIGINT NOT NULL, PRIMARY KEY (resource_type, id, param, lo, hi)){rowid}"
+        ),
+        format!("CREATE INDEX IF NOT EXISTS {d}_lookup ON {d} (resource_type, param, lo)"),
+    ]
+}
+
+pub(crate) fn tables(generation: i64) -> [String; 2] {
+    [text_table(generation), date_table(generation)]
+}
+
+/// The new current state of one resource.
+pub(crate) struct Current<'a> {
+    pub resource_type: &'a str,
+    pub id: &'a str,
+    /// `None` when deleted.
+    pub content: Option<&'a str>,
+    /// It had index rows before this batch (a live current version).
+    pub had_rows: bool,
+}
+
+/// Replaces the index rows of every resource in `currents` (one entry per resource).
+pub(crate) async fn replace(
+    tx: &mut Transaction<'static, Any>,
+    generation: i64,
+    currents: &[Current<'_>],
+) -> Result<(), ProjectionError> {
+    let params = Params::of(tx);
+    let mut stale: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for c in currents.iter().filter(|c| c.had_rows) {
+        stale.entry(c.resource_type).or_default().push(c.id);
+    }
+    for table in tables(generation) {
+        for (rtype, ids) in &stale {
+            for chunk in ids.chunks(IDS) {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE resource_type = {} AND id IN ({})",
+                    params.one(1),
+                    params.list(2, chunk.len())
+                );
+                let mut q = sqlx::query(&sql).bind(*rtype);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.execute(&mut **tx).await?;
+            }
+        }
+    }
+    // (resource_type, id, param, value, system) and (resource_type, id, param, lo, hi).
+    let mut texts: Vec<(&str, &str, &'static str, String, String)> = Vec::new();
+    let mut dates: Vec<(&str, &str, &'static str, i64, i64)> = Vec::new();
+    for c in currents {
+        let Some(content) = c.content else { continue };
+        let entries = match extract(c.resource_type, content) {
+            Ok(e) => e,
+            Err(e) => {
+                // Stamped bodies are JSON objects; should one not be, the resource stays
+                // readable, only unsearchable: never block the view on it.
+                tracing::error!(resource_type = c.resource_type, id = c.id, error = %e, "resource not indexed for search");
+                continue;
+            }
+        };
+        for e in entries {
+            match e.value {
+                IndexValue::Token { system, code } => texts.push((c.resource_type, c.id, e.param, code, system)),
+                IndexValue::String { normalized, exact } => {
+                    texts.push((c.resource_type, c.id, e.param, normalized, exact))
+                }
+                IndexValue::Reference { target_type, target } => {
+                    texts.push((c.resource_type, c.id, e.param, target, target_type))
+                }
+                IndexValue::Uri(u) => texts.push((c.resource_type, c.id, e.param, u, String::new())),
+                IndexValue::Date(r) => dates.push((c.resource_type, c.id, e.param, r.lo, r.hi)),
+            }
+        }
+    }
+    let t = text_table(generation);
+    for chunk in texts.chunks(ROWS) {
+        let sql = format!(
+            "INSERT INTO {t} (resource_type, id, param, value, system) VALUES {} ON CONFLICT DO NOTHING",
+            params.rows(chunk.len(), 5)
+        );
+        let mut q = sqlx::query(&sql);
+        for (rt, id, p, v, s) in chunk {
+            q = q.bind(*rt).bind(*id).bind(*p).bind(v.as_str()).bind(s.as_str());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    let d = date_table(generation);
+    for chunk in dates.chunks(ROWS) {
+        let sql = format!(
+            "INSERT INTO {d} (resource_type, id, param, lo, hi) VALUES {} ON CONFLICT DO NOTHING",
+            params.rows(chunk.len(), 5)
+        );
+        let mut q = sqlx::query(&sql);
+        for (rt, id, p, lo, hi) in chunk {
+            q = q.bind(*rt).bind(*id).bind(*p).bind(*lo).bind(*hi);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
