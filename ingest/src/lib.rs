@@ -4,6 +4,7 @@
 //! writes a view.
 
 pub mod access;
+pub mod attachment_body;
 pub mod audit;
 pub mod bundle;
 pub mod capability;
