@@ -660,3 +660,81 @@ pub async fn binary(
     }
     Ok(resp)
 }
+
+/// `POST /fhir/$submit-attachment`.
+pub async fn submit_attachment(
+    axum::extract::State(state): axum::extract::State<crate::SharedState>,
+    caller: crate::access::Caller,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<axum::response::Response, ApiError> {
+    use crate::attachment_body::{content_length, read_attachment_body, Limits};
+    use schemas::smart::Interaction;
+    caller.authorize_write("DocumentReference", Interaction::Create)?;
+    crate::fhir::check_json_content_type(&headers)?;
+    let limits = Limits { max_request_bytes: state.config.max_attachment_request_bytes, ..Limits::default() };
+    let read = read_attachment_body(body, content_length(&headers), &state.blobs, &limits).await?;
+    let stored: Vec<StoredBytes> = read
+        .attachments
+        .iter()
+        .map(|a| StoredBytes {
+            pointer: a.pointer.clone(),
+            blob: Blob {
+                sha256: a.blob.sha256.clone(),
+                sha1: a.blob.sha1_base64.clone(),
+                size: i64::try_from(a.blob.size).unwrap_or(i64::MAX),
+                location: a.blob.location.clone(),
+            },
+        })
+        .collect();
+    let correlation = crate::write::request_id(&headers);
+    let envelope = Envelope::new(AttachmentEvent::EVENT_TYPE, 1, correlation, caller.client_id().map(str::to_string));
+    let submission_id = envelope.event_id.clone();
+    let base = crate::fhir::base_url(&state, &headers);
+    let sub = submission(&read.parameters, &stored, envelope, &submission_id, &format!("{base}/fhir/Binary"))?;
+    // The whole Parameters (bytes aside) against the R4 structure rules.
+    processors::validate::validate_resource(&read.parameters)
+        .map_err(|issues| ApiError::with_outcome(StatusCode::BAD_REQUEST, OperationOutcome { issue: issues }))?;
+    let known = state.links.tracking(&sub.tracking_id).await?;
+    if let Some(closer) = &known.closed_by {
+        return Err(ApiError::with_outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            OperationOutcome::error(
+                IssueType::BusinessRule,
+                format!(
+                    "the attachment set of tracking id {} was closed by submission {closer} (Final=true); \
+                     nothing more is accepted for it",
+                    sub.tracking_id
+                ),
+            )
+            .at("Parameters.parameter"),
+        ));
+    }
+    let value = schemas::encode_event(&sub.event).map_err(ApiError::internal)?;
+    let topic = schemas::topics::full(&state.config.topic_prefix, schemas::topics::ATTACHMENTS);
+    let record = runtime::Record::new(topic.clone(), sub.event.key(), value)
+        .header(schemas::topics::headers::EVENT_TYPE, AttachmentEvent::EVENT_TYPE)
+        .header(schemas::topics::headers::EVENT_ID, sub.event.envelope.event_id.clone())
+        .header(schemas::topics::headers::CORRELATION_ID, sub.event.envelope.correlation_id.clone());
+    state.log.append(vec![record]).await?;
+    metrics::counter!("payerx_attachments_submitted_total").increment(sub.event.attachments.len() as u64);
+    let n = sub.event.attachments.len();
+    let message = if known.cases.is_empty() {
+        format!(
+            "{n} attachment(s) accepted and held for association with a future claim/prior authorization: \
+             no claim or prior authorization with tracking id {} is known yet (submission {submission_id})",
+            sub.tracking_id
+        )
+    } else {
+        format!(
+            "{n} attachment(s) accepted for tracking id {} ({}) (submission {submission_id})",
+            sub.tracking_id,
+            known.cases.iter().map(|c| c.case_ref.as_str()).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let mut resp = crate::error::fhir_response(StatusCode::OK, &OperationOutcome::information(message).to_json());
+    if let Ok(v) = axum::http::HeaderValue::from_str(&submission_id) {
+        resp.headers_mut().insert("x-payerx-submission", v);
+    }
+    Ok(resp)
+}

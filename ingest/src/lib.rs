@@ -4,6 +4,7 @@
 //! writes a view.
 
 pub mod access;
+pub mod attachment_body;
 pub mod audit;
 pub mod bundle;
 pub mod capability;
@@ -97,6 +98,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/metadata", get(capability::metadata))
         .route("/", post(bundle::batch_or_transaction))
         .route("/_writes/{event_id}", get(write::write_status))
+        .route("/$submit-attachment", post(cdex::submit_attachment))
         .route("/Claim/$submit", post(pas::submit))
         .route("/Claim/{id}/$attachments", get(cdex::case_view))
         .route("/Binary/{id}", get(cdex::binary).put(binary_update).delete(binary_delete))
