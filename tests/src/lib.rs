@@ -409,3 +409,70 @@ pub async fn member_launch(
 }
 
 pub mod webdriver;
+
+/// A backend client registered with `payerx clients add`, and a token from `/auth/token`: the
+/// way an operator sets up a payer feed.
+pub async fn feed_client(serve_args: &[String], base: &str, timeout: Duration) -> reqwest::Client {
+    let token = feed_token(serve_args, base).await;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).timeout(timeout).build().unwrap()
+}
+
+/// The access token behind [`feed_client`].
+pub async fn feed_token(serve_args: &[String], base: &str) -> String {
+    // The backend flags of `serve` apply to `clients`; its listener options do not.
+    let mut backend: Vec<&String> = Vec::new();
+    let mut args = serve_args.iter().skip_while(|a| *a == "serve");
+    while let Some(a) = args.next() {
+        if a == "--listen" || a == "--admin-listen" {
+            args.next();
+        } else {
+            backend.push(a);
+        }
+    }
+    let out = std::process::Command::new(payerx_binary())
+        .args(["clients", "add", "--name", "feed", "--kind", "confidential-symmetric", "--scope", "system/*.*"])
+        .args(backend)
+        .output()
+        .expect("payerx clients add");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let (id, secret) = (created["client_id"].as_str().unwrap(), created["client_secret"].as_str().unwrap());
+    let r = reqwest::Client::new()
+        .post(format!("{base}/auth/token"))
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials"), ("scope", "system/*.*")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let token: serde_json::Value = r.json().await.unwrap();
+    token["access_token"].as_str().unwrap().to_string()
+}
+
+/// Starts the real binary with `args`, its stderr appended to `log`.
+pub fn spawn(args: &[String], log: &std::path::Path) -> std::process::Child {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    std::process::Command::new(payerx_binary())
+        .args(args)
+        .env("PAYERX_LOG", "info,sqlx=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("start payerx")
+}
+
+/// Waits (bounded) until `/readyz` answers 200.
+pub async fn wait_ready(client: &reqwest::Client, base: &str, log: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("payerx did not become ready:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+}

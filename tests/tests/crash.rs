@@ -5,62 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tests::{backend, free_port, patient, payerx_binary, Tier};
-
-/// A backend client registered with `payerx clients add`, and a token from `/auth/token`: the
-/// way an operator sets up a payer feed.
-async fn feed_client(serve_args: &[String], base: &str) -> reqwest::Client {
-    // The backend flags of `serve` (everything after its listen options) apply to `clients`.
-    let backend: Vec<&String> = serve_args.iter().skip(3).collect();
-    let out = Command::new(payerx_binary())
-        .args(["clients", "add", "--name", "crash-feed", "--kind", "confidential-symmetric", "--scope", "system/*.*"])
-        .args(backend)
-        .output()
-        .expect("payerx clients add");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let created: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    let (id, secret) = (created["client_id"].as_str().unwrap(), created["client_secret"].as_str().unwrap());
-    let r = reqwest::Client::new()
-        .post(format!("{base}/auth/token"))
-        .basic_auth(id, Some(secret))
-        .form(&[("grant_type", "client_credentials"), ("scope", "system/*.*")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let token: serde_json::Value = r.json().await.unwrap();
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("authorization", format!("Bearer {}", token["access_token"].as_str().unwrap()).parse().unwrap());
-    reqwest::Client::builder().default_headers(headers).timeout(Duration::from_secs(10)).build().unwrap()
-}
-
-fn spawn(args: &[String], log: &std::path::Path) -> Child {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(payerx_binary())
-        .args(args)
-        .env("PAYERX_LOG", "info,sqlx=warn")
-        .stdout(Stdio::null())
-        .stderr(out)
-        .spawn()
-        .expect("start payerx")
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str, log: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("payerx did not become ready:\n{}", std::fs::read_to_string(log).unwrap_or_default());
-}
+use tests::{backend, feed_client, free_port, patient, spawn, wait_ready, Tier};
 
 async fn kill9_loses_nothing(tier: Tier) {
     let dir = tempfile::tempdir().unwrap();
@@ -85,7 +34,7 @@ async fn kill9_loses_nothing(tier: Tier) {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let mut child = spawn(&args, &log);
     wait_ready(&client, &base, &log).await;
-    let client = feed_client(&args, &base).await;
+    let client = feed_client(&args, &base, Duration::from_secs(10)).await;
 
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let mut writers = vec![];
