@@ -687,6 +687,14 @@ fn cpu_steps(n: usize, seed: u64) -> anyhow::Result<Vec<CpuStep>> {
         black_box(v.to_string());
     }
     step("serialize JSON", t);
+    let t = Instant::now();
+    let mut rows = 0usize;
+    for (v, text) in values.iter().zip(&texts) {
+        let rtype = v["resourceType"].as_str().unwrap_or_default();
+        rows += black_box(projections::search::extract::extract(rtype, text)?).len();
+    }
+    step("search index values (projection)", t);
+    eprintln!("bench: stages: {:.1} search index rows per resource", rows as f64 / n as f64);
     let topic = "bench.fhir.submissions";
     let t = Instant::now();
     for (v, text) in values.iter().zip(&texts) {

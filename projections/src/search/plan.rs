@@ -85,11 +85,17 @@ impl Sql {
 
     fn list<'a>(&mut self, items: impl IntoIterator<Item = &'a str>) -> &mut Self {
         self.push("(");
+        let mut empty = true;
         for (i, s) in items.into_iter().enumerate() {
             if i > 0 {
                 self.push(", ");
             }
             self.text(s);
+            empty = false;
+        }
+        // `IN ()` is SQLite only; `IN (NULL)` matches nothing on both.
+        if empty {
+            self.push("NULL");
         }
         self.push(")")
     }
@@ -211,7 +217,7 @@ impl ResourceStore {
             page.matches.iter().map(|r| (r.resource_type.clone(), r.id.clone())).collect();
         // Forward: the targets of the matches' references, grouped by type.
         let mut targets: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for inc in &q.includes {
+        for inc in q.includes.iter().filter(|i| !i.params.is_empty()) {
             let mut sql = Sql::new(backend);
             sql.push(&format!("SELECT i.system, i.value FROM {idx} i WHERE i.resource_type = "));
             sql.text(inc.source.as_str()).push(" AND i.param IN ");
@@ -238,7 +244,7 @@ impl ResourceStore {
             }
         }
         // Reverse: resources whose references point at the matches.
-        for inc in &q.revincludes {
+        for inc in q.revincludes.iter().filter(|i| !i.params.is_empty()) {
             let mut sql = Sql::new(backend);
             sql.push(&format!(
                 "SELECT c.version_id, c.last_updated, c.last_updated_us, c.deleted, c.content, CAST(NULL AS TEXT), c.resource_type, c.id FROM {cur} c WHERE c.resource_type = "
@@ -370,6 +376,13 @@ mod tests {
         assert_eq!(n, m);
         assert_eq!(lite.matches('?').count(), m);
         assert!(lite.contains("i.system = 'Patient'") && lite.ends_with("AND c.id > ?"), "{lite}");
+    }
+
+    #[test]
+    fn empty_lists_stay_valid_sql() {
+        let mut sql = Sql::new(Backend::Postgres);
+        sql.push("x IN ").list(std::iter::empty());
+        assert_eq!(sql.text, "x IN (NULL)");
     }
 
     #[test]
