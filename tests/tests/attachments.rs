@@ -176,6 +176,14 @@ async fn attachment_after_its_case_is_linked(h: Harness) {
         })
         .await;
     assert_eq!(doc["context"]["related"][0]["reference"], format!("Claim/{claim}"));
+    // The read side searches: the case by tracking id, its answer by request, its documents.
+    let (_, found) = h.get_json(&format!("/fhir/Claim?identifier={tracking}")).await;
+    assert_eq!(found["entry"][0]["resource"]["id"], claim.as_str(), "{found}");
+    let (_, found) = h.get_json(&format!("/fhir/ClaimResponse?request=Claim/{claim}")).await;
+    assert_eq!(found["entry"][0]["resource"]["preAuthRef"], tracking.as_str(), "{found}");
+    let (_, found) = h.get_json(&format!("/fhir/DocumentReference?related=Claim/{claim}")).await;
+    assert_eq!(found["entry"].as_array().map(Vec::len), Some(1), "{found}");
+    assert_eq!(found["entry"][0]["resource"]["id"], doc["id"]);
     let url = doc["content"][0]["attachment"]["url"].as_str().unwrap().to_string();
     assert!(url.contains("/fhir/Binary/"), "{url}");
     assert_eq!(doc["content"][0]["attachment"]["size"], pdf.len());
