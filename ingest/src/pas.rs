@@ -170,6 +170,38 @@ fn rewrite_references(v: &mut Value, rename: &HashMap<String, String>) {
     }
 }
 
+/// The payer's own Patient for the member in a PAS request: the one Patient found by the
+/// identifiers of the request's (contained) patient. None when no or several Patients match.
+async fn member(state: &SharedState, claim: &Value) -> Result<Option<String>, ApiError> {
+    use projections::search::{Compartment, ParseOptions, SearchQuery};
+    let at = claim.pointer("/patient/reference").and_then(Value::as_str).unwrap_or_default();
+    let Some(patient) = claim["contained"]
+        .as_array()
+        .and_then(|c| c.iter().find(|r| format!("#{}", r["id"].as_str().unwrap_or("")) == at))
+    else {
+        return Ok(None);
+    };
+    let mut found = std::collections::BTreeSet::new();
+    for i in patient["identifier"].as_array().into_iter().flatten() {
+        let Some(value) = i["value"].as_str() else { continue };
+        let token = match i["system"].as_str() {
+            Some(system) => format!("{system}|{value}"),
+            None => value.to_string(),
+        };
+        let Ok(q) = SearchQuery::parse("Patient", &[("identifier".to_string(), token)], &ParseOptions::default())
+        else {
+            continue;
+        };
+        for m in state.store.search(&q, &Compartment::All).await?.matches {
+            found.insert(m.id);
+        }
+    }
+    Ok(match found.len() {
+        1 => found.into_iter().next().map(|id| format!("Patient/{id}")),
+        _ => None,
+    })
+}
+
 pub async fn submit(
     State(state): State<SharedState>,
     caller: Caller,
@@ -179,7 +211,14 @@ pub async fn submit(
     caller.authorize_write("Claim", Interaction::Create)?;
     let bundle = json_body(&state, &headers, body).await?;
     let now = projections::resources::instant(schemas::events::now_micros());
-    let pas = prepare(&bundle, &now)?;
+    let mut pas = prepare(&bundle, &now)?;
+    if let Some(patient) = member(&state, &pas.claim).await? {
+        // The payer knows this member: the case (and the documents linked to it later) belong
+        // to the payer's Patient, so the member's own apps see them.
+        let reference = json!({"reference": patient});
+        pas.claim["patient"] = reference.clone();
+        pas.response["patient"] = reference;
+    }
     let change = |rtype: &str, id: &str, v: &Value| -> Result<ResourceChange, ApiError> {
         processors::validate_processor::check_resource(v, rtype, id, None)
             .map_err(|oo| ApiError::with_outcome(StatusCode::BAD_REQUEST, oo))?;

@@ -14,6 +14,7 @@ use tests::{both_tiers, expression, Harness};
 
 both_tiers!(
     pas_submit_answers_a_tracking_id,
+    the_members_own_app_sees_their_prior_auth_documents_only,
     attachment_after_its_case_is_linked,
     attachment_before_its_case_is_held_then_linked_once_across_a_restart,
     final_false_accumulates_final_true_closes_and_duplicates_are_idempotent,
@@ -343,5 +344,54 @@ async fn bad_submissions_get_operation_outcomes(h: Harness) {
     assert!(tests::json(r).await["issue"][0]["diagnostics"].as_str().unwrap().contains("MemberId"));
     // Nothing of the refused requests reached the log.
     assert!(attachment_events(&h, "T-BAD").await.is_empty());
+    h.stop().await;
+}
+
+const REDIRECT: &str = "https://app.example/callback";
+
+/// A PAS request for a member the payer knows lands on the payer's Patient, so the linked
+/// document is in that member's compartment: their app reads it, another member's does not.
+async fn the_members_own_app_sees_their_prior_auth_documents_only(h: Harness) {
+    for (id, member) in [("m-ana", "M-600"), ("m-bo", "M-601")] {
+        let p = json!({"resourceType": "Patient", "id": id, "identifier": [{"system": "urn:payer:member", "value": member}]});
+        assert_eq!(h.put(&format!("/fhir/Patient/{id}"), &p).await.status(), 201);
+    }
+    let (claim, tracking) = prior_auth(&h, "EHR-600", "M-600").await;
+    let (_, stored) = h.get_json(&format!("/fhir/Claim/{claim}")).await;
+    assert_eq!(stored["patient"]["reference"], "Patient/m-ana", "the PAS member is resolved by identifier");
+    let r = h.post("/fhir/$submit-attachment", &submission(&tracking, "M-600", b"ana's notes", &[], None)).await;
+    assert_eq!(r.status(), 200);
+    let items = case_attachments(&h, &claim, 1, true).await;
+    let doc_ref = part(&items[0], "documentReference")["reference"].as_str().unwrap().to_string();
+    let doc = h
+        .until("the DocumentReference is stored", || async {
+            let (status, doc) = h.get_json(&format!("/fhir/{doc_ref}")).await;
+            (status == 200).then_some(doc)
+        })
+        .await;
+    assert_eq!(doc["subject"]["reference"], "Patient/m-ana");
+    let (_, found) = h.get_json("/fhir/DocumentReference?patient=Patient/m-ana").await;
+    assert_eq!(found["entry"][0]["resource"]["id"], doc["id"], "{found}");
+    let binary = doc["content"][0]["attachment"]["url"].as_str().unwrap().to_string();
+
+    let db = h.backend.open_db().await.unwrap();
+    auth::admin::add_member(&db, "ana", "correct horse battery", "Patient/m-ana").await.unwrap();
+    auth::admin::add_member(&db, "bo", "correct horse battery", "Patient/m-bo").await.unwrap();
+    let scope = "launch/patient openid fhirUser patient/*.rs";
+    let (app, _) = h.add_client("member-app", "public", scope, &[REDIRECT]).await;
+    for (user, sees) in [("ana", true), ("bo", false)] {
+        let token = tests::member_launch(&h, &app, REDIRECT, scope, user, "correct horse battery").await;
+        let bearer = token["access_token"].as_str().unwrap();
+        let r = reqwest::Client::new().get(&binary).bearer_auth(bearer).send().await.unwrap();
+        if sees {
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.bytes().await.unwrap().as_ref(), b"ana's notes");
+        } else {
+            assert_eq!(r.status(), 404, "another member's document is answered like an absent one");
+        }
+        let r =
+            reqwest::Client::new().get(h.url(&format!("/fhir/{doc_ref}"))).bearer_auth(bearer).send().await.unwrap();
+        assert_eq!(r.status(), if sees { 200 } else { 404 });
+    }
     h.stop().await;
 }
