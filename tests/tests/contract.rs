@@ -69,3 +69,85 @@ async fn python_fastavro_decodes_every_topic_from_the_avsc_files() {
     }
     h.stop().await;
 }
+
+/// The attachments topic too: a case, a submission and its link, decoded by fastavro from
+/// `attachment-event/v1.avsc` alone (nested records, enums, the `final` field, arrays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "integration tier: needs python3 with fastavro (installed by scripts/test-integration.sh)"]
+async fn python_fastavro_decodes_the_attachments_topic() {
+    use base64::Engine as _;
+    let h = Harness::start(Tier::Embedded).await;
+    let claim = serde_json::json!({"resourceType": "Claim", "id": "c-contract", "status": "active",
+        "identifier": [{"system": "urn:payer:pa", "value": "T-CONTRACT"}],
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+        "use": "preauthorization", "patient": {"reference": "Patient/x", "identifier": {"value": "M-C"}}, "created": "2026-11-20",
+        "provider": {"reference": "Organization/o"}, "priority": {"coding": [{"code": "normal"}]},
+        "insurance": [{"sequence": 1, "focal": true, "coverage": {"reference": "Coverage/c"}}],
+        "item": [{"sequence": 1, "productOrService": {"coding": [{"code": "E0250"}]}}]});
+    assert_eq!(h.put("/fhir/Claim/c-contract", &claim).await.status(), 201);
+    let params = serde_json::json!({"resourceType": "Parameters", "parameter": [
+        {"name": "TrackingId", "valueIdentifier": {"value": "T-CONTRACT"}},
+        {"name": "AttachTo", "valueCode": "preauthorization"},
+        {"name": "OrganizationId", "valueIdentifier": {"system": "urn:org", "value": "O-1"}},
+        {"name": "MemberId", "valueIdentifier": {"value": "M-C"}},
+        {"name": "Attachment", "part": [{"name": "LineItem", "valueString": "1"},
+            {"name": "Content", "resource": {"resourceType": "DocumentReference", "status": "current",
+                "content": [{"attachment": {"contentType": "application/pdf",
+                    "data": base64::engine::general_purpose::STANDARD.encode(b"contract bytes")}}]}}]},
+        {"name": "Final", "valueBoolean": false}
+    ]});
+    assert_eq!(h.post("/fhir/$submit-attachment", &params).await.status(), 200);
+    let topic = topics::full(&h.backend.topic_prefix, topics::ATTACHMENTS);
+    let parts = h.app().log.partitions(&topic).await.unwrap();
+    let mut values: Vec<Vec<u8>> = vec![];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while values.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "case, submission and link expected, got {}", values.len());
+        let mut c = h
+            .app()
+            .log
+            .assigned_consumer(&(0..parts).map(|p| (topic.clone(), p, 0)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        values = c.poll(100, Duration::from_millis(500)).await.unwrap().into_iter().map(|r| r.value).collect();
+    }
+    let mut py = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/external/decode_events.py"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/avro"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    {
+        let mut stdin = py.stdin.take().unwrap();
+        for v in &values {
+            writeln!(stdin, "{}", v.iter().map(|b| format!("{b:02x}")).collect::<String>()).unwrap();
+        }
+    }
+    let out = py.wait_with_output().unwrap();
+    assert!(out.status.success(), "python decoder failed: {}", String::from_utf8_lossy(&out.stderr));
+    let decoded: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let kinds: Vec<&str> = decoded.iter().map(|d| d["value"]["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["CASE_OPENED", "SUBMITTED", "LINKED"]);
+    for (raw, py) in values.iter().zip(&decoded) {
+        let ours: schemas::AttachmentEvent = schemas::decode_event(raw).unwrap();
+        assert_eq!(py["schema_id"], 301);
+        let v = &py["value"];
+        assert_eq!(v["envelope"]["event_id"], ours.envelope.event_id);
+        assert_eq!(v["tracking_id"], "T-CONTRACT");
+        assert_eq!(v["final"].as_bool(), ours.is_final);
+        assert_eq!(v["case_ref"].as_str(), ours.case_ref.as_deref());
+        assert_eq!(v["attachments"].as_array().unwrap().len(), ours.attachments.len());
+        if let Some(a) = ours.attachments.first() {
+            assert_eq!(v["attachments"][0]["line_items"][0], "1");
+            let blob = a.content[0].blob.as_ref().unwrap();
+            assert_eq!(v["attachments"][0]["content"][0]["blob"]["sha256"], blob.sha256.as_str());
+            assert_eq!(v["attachments"][0]["content"][0]["blob"]["size"], blob.size);
+        }
+    }
+    assert_eq!(decoded[1]["value"]["organization_id"]["system"], "urn:org");
+    assert_eq!(decoded[2]["value"]["case_ref"], "Claim/c-contract");
+    h.stop().await;
+}
