@@ -153,7 +153,7 @@ impl Figures {
             l.as_ref().map_or("n/a".to_string(), |l| format!("{:.1}/{:.1} ms", l.p50_ms, l.p99_ms))
         };
         format!(
-            "{:<38} {:>6} {:>10.1} {:>9.1} {:>10.1} {:>18} {:>18} {:>9}",
+            "{:<38} {:>6} {:>10.1} {:>9.1} {:>10.1} {:>18} {:>18} {:>12}",
             self.name,
             self.count,
             self.count as f64 / self.seconds.max(1e-9),
@@ -169,7 +169,7 @@ impl Figures {
         let l = |l: &Option<Latency>| l.as_ref().map(|l| json!({"p50_ms": l.p50_ms, "p99_ms": l.p99_ms}));
         json!({"phase": self.name, "count": self.count, "bytes": self.bytes, "seconds": self.seconds,
                "per_s": self.count as f64 / self.seconds.max(1e-9), "mb_per_s": self.bytes as f64 / 1e6 / self.seconds.max(1e-9),
-               "latency_to_200": l(&self.latency), "latency_200_to_linked": l(&self.linked), "peak_rss_kib": self.peak_rss_kib})
+               "latency_to_200": l(&self.latency), "latency_200_to_linked": l(&self.linked), "rss_growth_kib": self.peak_rss_kib})
     }
 }
 
@@ -257,6 +257,7 @@ async fn large(app: &App, client: &reqwest::Client, tag: &str, mb: u64) -> anyho
     let base = app.base_url();
     let size = mb * 1_000_000;
     let (body, len) = streamed_body(&format!("BENCH-{tag}-0"), &format!("M-{tag}-0"), size, mb ^ 0xABCD);
+    let rss_base = rss_now();
     reset_peak_rss();
     eprintln!("bench: attachments: one {mb} MB document ({:.0} MB body)", len as f64 / 1e6);
     let t = Instant::now();
@@ -279,21 +280,32 @@ async fn large(app: &App, client: &reqwest::Client, tag: &str, mb: u64) -> anyho
         seconds: elapsed.as_secs_f64(),
         latency: None,
         linked: None,
-        peak_rss_kib: peak_rss_kib(),
+        peak_rss_kib: growth(rss_base),
     })
 }
 
-async fn floor(app: &App, name: String, count: usize, size: u64) -> anyhow::Result<Figures> {
+/// The blob store alone writing `count` blobs of `size`, from `concurrency` threads (as many
+/// as the clients of the phase it is the floor of).
+async fn floor(app: &App, name: String, count: usize, size: u64, concurrency: usize) -> anyhow::Result<Figures> {
     let store = app.blobs.clone().context("payerx started without its blob store")?;
+    let base = rss_now();
     reset_peak_rss();
     let t = Instant::now();
-    tokio::task::spawn_blocking(move || {
-        for _ in 0..count {
-            blobs::bench::write_rate(&store, size)?;
-        }
-        Ok::<_, blobs::BlobError>(())
-    })
-    .await??;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..concurrency.clamp(1, count.max(1)))
+        .map(|_| {
+            let (store, next) = (store.clone(), next.clone());
+            tokio::task::spawn_blocking(move || {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count {
+                    blobs::bench::write_rate(&store, size)?;
+                }
+                Ok::<_, blobs::BlobError>(())
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await??;
+    }
     Ok(Figures {
         name,
         count,
@@ -301,8 +313,25 @@ async fn floor(app: &App, name: String, count: usize, size: u64) -> anyhow::Resu
         seconds: t.elapsed().as_secs_f64(),
         latency: None,
         linked: None,
-        peak_rss_kib: peak_rss_kib(),
+        peak_rss_kib: growth(base),
     })
+}
+
+/// VmRSS now, KiB.
+fn rss_now() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// How far the peak rose above `base` (VmRSS at the phase's start): what the phase itself held.
+fn growth(base: Option<u64>) -> Option<u64> {
+    Some(peak_rss_kib()?.saturating_sub(base?))
 }
 
 pub async fn run(args: AttachmentBenchArgs) -> anyhow::Result<()> {
@@ -331,12 +360,13 @@ pub async fn run(args: AttachmentBenchArgs) -> anyhow::Result<()> {
                 format!("floor: blob store, {} × {} KB", args.submissions, args.size_kb),
                 args.submissions,
                 args.size_kb as u64 * 1000,
+                args.concurrency,
             )
             .await?,
         );
         for &mb in &args.large_mb {
             rows.push(large(&app, &client, &tag, mb).await?);
-            rows.push(floor(&app, format!("floor: blob store, one {mb} MB"), 1, mb * 1_000_000).await?);
+            rows.push(floor(&app, format!("floor: blob store, one {mb} MB"), 1, mb * 1_000_000, 1).await?);
         }
         Ok::<_, anyhow::Error>(rows)
     }
@@ -351,7 +381,7 @@ pub async fn run(args: AttachmentBenchArgs) -> anyhow::Result<()> {
         if kafka { "Kafka" } else { "embedded" },
         if backend.database_url.as_deref().is_some_and(|u| u.starts_with("postgres")) { "PostgreSQL" } else { "SQLite" },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "phase", "count", "per s", "MB/s", "seconds", "p50/p99 to 200", "p50/p99 to LINKED", "peak RSS"
+        "phase", "count", "per s", "MB/s", "seconds", "p50/p99 to 200", "p50/p99 to LINKED", "RSS growth"
     );
     for r in &rows {
         out.push_str(&r.row());
@@ -366,7 +396,7 @@ pub async fn run(args: AttachmentBenchArgs) -> anyhow::Result<()> {
         }
     }
     out.push_str(
-        "notes: peak RSS is the process-wide VmHWM (server and bench in one process), reset before each large phase and floor; \
+        "notes: RSS growth = the process's peak (VmHWM, server and bench in one process) above its RSS when the phase began; \
          the large bodies are generated while sent, so the bench holds no copy; MB = 10^6 bytes of document.\n",
     );
     if args.json {
