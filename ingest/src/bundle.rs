@@ -110,8 +110,9 @@ fn parse_entry(i: usize, entry: &Value, assigned: &mut HashMap<String, String>) 
     })
 }
 
-/// Rewrites `reference` values that point at a transaction-local `fullUrl` to the assigned id.
-fn rewrite_references(v: &mut Value, assigned: &HashMap<String, String>) {
+/// Rewrites `reference` values found in `assigned` (a transaction-local `fullUrl`, or a PAS
+/// entry turned contained) to what they now point at.
+pub(crate) fn rewrite_references(v: &mut Value, assigned: &HashMap<String, String>) {
     match v {
         Value::Object(map) => {
             for (k, child) in map.iter_mut() {

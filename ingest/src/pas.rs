@@ -14,10 +14,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use schemas::smart::Interaction;
-use schemas::{ChangeAction, IssueType, OperationOutcome, ResourceChange, WriteMode};
+use schemas::{IssueType, OperationOutcome, ResourceChange, WriteMode};
 use serde_json::{json, Value};
 
 use crate::access::Caller;
+use crate::bundle::rewrite_references;
 use crate::error::{fhir_response, ApiError};
 use crate::fhir::json_body;
 use crate::write::{self, Waited};
@@ -152,24 +153,6 @@ pub fn prepare(bundle: &Value, now: &str) -> Result<PasRequest, ApiError> {
     Ok(PasRequest { claim_id, response_id, tracking_id: tracking, claim, response })
 }
 
-fn rewrite_references(v: &mut Value, rename: &HashMap<String, String>) {
-    match v {
-        Value::Object(o) => {
-            for (k, child) in o.iter_mut() {
-                if k == "reference" {
-                    if let Some(to) = child.as_str().and_then(|r| rename.get(r)) {
-                        *child = Value::String(to.clone());
-                    }
-                } else if k != "contained" {
-                    rewrite_references(child, rename);
-                }
-            }
-        }
-        Value::Array(a) => a.iter_mut().for_each(|c| rewrite_references(c, rename)),
-        _ => {}
-    }
-}
-
 /// The payer's own Patient for the member in a PAS request: the one Patient found by the
 /// identifiers of the request's (contained) patient. None when no or several Patients match.
 async fn member(state: &SharedState, claim: &Value) -> Result<Option<String>, ApiError> {
@@ -222,14 +205,7 @@ pub async fn submit(
     let change = |rtype: &str, id: &str, v: &Value| -> Result<ResourceChange, ApiError> {
         processors::validate_processor::check_resource(v, rtype, id, None)
             .map_err(|oo| ApiError::with_outcome(StatusCode::BAD_REQUEST, oo))?;
-        Ok(ResourceChange {
-            action: ChangeAction::Upsert,
-            resource_type: rtype.into(),
-            resource_id: id.into(),
-            resource: Some(v.to_string()),
-            if_match: None,
-            created: false,
-        })
+        Ok(ResourceChange::upsert(rtype, id, v.to_string()))
     };
     let changes =
         vec![change("Claim", &pas.claim_id, &pas.claim)?, change("ClaimResponse", &pas.response_id, &pas.response)?];

@@ -189,14 +189,7 @@ mod tests {
     use serde_json::json;
 
     fn upsert(rtype: &str, id: &str, v: Value) -> ResourceChange {
-        ResourceChange {
-            action: ChangeAction::Upsert,
-            resource_type: rtype.into(),
-            resource_id: id.into(),
-            resource: Some(v.to_string()),
-            if_match: None,
-            created: false,
-        }
+        ResourceChange::upsert(rtype, id, v.to_string())
     }
 
     fn consumed(ev: &ResourceChanged) -> Consumed {

@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use runtime::{Consumed, Record};
 use schemas::topics::{self, headers};
 use schemas::{
-    AttachTo, AttachmentEvent, AttachmentEventKind, ChangeAction, Envelope, Identifier, ResourceChange,
-    ResourceChanged, SubmittedAttachment, WriteMode,
+    AttachTo, AttachmentEvent, AttachmentEventKind, Envelope, Identifier, ResourceChange, ResourceChanged,
+    SubmittedAttachment, WriteMode,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -454,14 +454,11 @@ impl LinkProjection {
                 let mut changes = Vec::new();
                 for &i in &items {
                     match stored_resources(&state.items[i], case) {
-                        Ok(resources) => changes.extend(resources.into_iter().map(|(rtype, id, v)| ResourceChange {
-                            action: ChangeAction::Upsert,
-                            resource_type: rtype,
-                            resource_id: id,
-                            resource: Some(v.to_string()),
-                            if_match: None,
-                            created: false,
-                        })),
+                        Ok(resources) => changes.extend(
+                            resources
+                                .into_iter()
+                                .map(|(rtype, id, v)| ResourceChange::upsert(&rtype, &id, v.to_string())),
+                        ),
                         Err(e) => {
                             tracing::error!(tracking_id = %ev.tracking_id, error = %e, "attachment content not stored")
                         }
@@ -571,15 +568,8 @@ impl Projection for LinkProjection {
     }
 
     async fn drop_generation(&self, db: &Db, g: i64) -> Result<(), ProjectionError> {
-        for t in [cases_table(g), items_table(g), sets_table(g), blobs_table(g)] {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {t}")).execute(&db.pool).await?;
-        }
-        sqlx::query("DELETE FROM projection_offsets WHERE projection = $1 AND generation = $2")
-            .bind(NAME)
-            .bind(g)
-            .execute(&db.pool)
-            .await?;
-        Ok(())
+        let tables = [cases_table(g), items_table(g), sets_table(g), blobs_table(g)];
+        crate::worker::drop_generation_tables(db, NAME, g, &tables).await
     }
 
     async fn apply(

@@ -484,15 +484,8 @@ impl Projection for ResourceProjection {
 
     async fn drop_generation(&self, db: &Db, generation: i64) -> Result<(), ProjectionError> {
         let [idx, dates] = search::index::tables(generation);
-        for t in [current_table(generation), history_table(generation), idx, dates] {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {t}")).execute(&db.pool).await?;
-        }
-        sqlx::query("DELETE FROM projection_offsets WHERE projection = $1 AND generation = $2")
-            .bind(NAME)
-            .bind(generation)
-            .execute(&db.pool)
-            .await?;
-        Ok(())
+        let tables = [current_table(generation), history_table(generation), idx, dates];
+        crate::worker::drop_generation_tables(db, NAME, generation, &tables).await
     }
 
     async fn apply(

@@ -45,6 +45,24 @@ pub struct Applied {
     pub emit: Vec<(usize, runtime::Record)>,
 }
 
+/// Retires a generation: drops its tables and forgets its offsets.
+pub async fn drop_generation_tables(
+    db: &Db,
+    projection: &str,
+    generation: i64,
+    tables: &[String],
+) -> Result<(), ProjectionError> {
+    for t in tables {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {t}")).execute(&db.pool).await?;
+    }
+    sqlx::query("DELETE FROM projection_offsets WHERE projection = $1 AND generation = $2")
+        .bind(projection)
+        .bind(generation)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
 /// The generation a projection serves, creating generation 1 on first use.
 pub async fn active_generation(db: &Db, projection: &dyn Projection) -> Result<i64, ProjectionError> {
     let row = sqlx::query("SELECT active FROM view_generations WHERE projection = $1")

@@ -97,6 +97,20 @@ pub struct ResourceChange {
     pub created: bool,
 }
 
+impl ResourceChange {
+    /// An unconditional upsert of `resource` (FHIR JSON) as `resource_type/resource_id`.
+    pub fn upsert(resource_type: &str, resource_id: &str, resource: String) -> Self {
+        ResourceChange {
+            action: ChangeAction::Upsert,
+            resource_type: resource_type.to_string(),
+            resource_id: resource_id.to_string(),
+            resource: Some(resource),
+            if_match: None,
+            created: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResourceChanged {
     pub envelope: Envelope,

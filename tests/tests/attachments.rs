@@ -116,6 +116,16 @@ fn part(item: &Value, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A linked document's DocumentReference: written through the pipeline after the link, so
+/// eventually readable.
+async fn stored_doc(h: &Harness, doc_ref: &str) -> Value {
+    h.until("the DocumentReference is stored", || async {
+        let (status, doc) = h.get_json(&format!("/fhir/{doc_ref}")).await;
+        (status == 200).then_some(doc)
+    })
+    .await
+}
+
 /// Every event on the attachments topic for `tracking`, in order.
 async fn attachment_events(h: &Harness, tracking: &str) -> Vec<AttachmentEvent> {
     let topic = topics::full(&h.backend.topic_prefix, topics::ATTACHMENTS);
@@ -169,13 +179,7 @@ async fn attachment_after_its_case_is_linked(h: Harness) {
     let items = case_attachments(&h, &claim, 1, true).await;
     assert_eq!(part(&items[0], "status"), "linked");
     let doc_ref = part(&items[0], "documentReference")["reference"].as_str().unwrap().to_string();
-    // The DocumentReference is written through the pipeline after the link: eventually readable.
-    let doc = h
-        .until("the DocumentReference is stored", || async {
-            let (status, doc) = h.get_json(&format!("/fhir/{doc_ref}")).await;
-            (status == 200).then_some(doc)
-        })
-        .await;
+    let doc = stored_doc(&h, &doc_ref).await;
     assert_eq!(doc["context"]["related"][0]["reference"], format!("Claim/{claim}"));
     // The read side searches: the case by tracking id, its answer by request, its documents.
     let (_, found) = h.get_json(&format!("/fhir/Claim?identifier={tracking}")).await;
@@ -363,12 +367,7 @@ async fn the_members_own_app_sees_their_prior_auth_documents_only(h: Harness) {
     assert_eq!(r.status(), 200);
     let items = case_attachments(&h, &claim, 1, true).await;
     let doc_ref = part(&items[0], "documentReference")["reference"].as_str().unwrap().to_string();
-    let doc = h
-        .until("the DocumentReference is stored", || async {
-            let (status, doc) = h.get_json(&format!("/fhir/{doc_ref}")).await;
-            (status == 200).then_some(doc)
-        })
-        .await;
+    let doc = stored_doc(&h, &doc_ref).await;
     assert_eq!(doc["subject"]["reference"], "Patient/m-ana");
     let (_, found) = h.get_json("/fhir/DocumentReference?patient=Patient/m-ana").await;
     assert_eq!(found["entry"][0]["resource"]["id"], doc["id"], "{found}");

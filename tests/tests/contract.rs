@@ -10,6 +10,27 @@ use std::time::Duration;
 use schemas::topics;
 use tests::{patient, Harness, Tier};
 
+/// Decodes record values with `tests/external/decode_events.py` (fastavro and the `.avsc` files).
+fn decode_in_python(values: &[Vec<u8>]) -> Vec<serde_json::Value> {
+    let mut py = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/external/decode_events.py"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/avro"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    {
+        let mut stdin = py.stdin.take().unwrap();
+        for v in values {
+            writeln!(stdin, "{}", v.iter().map(|b| format!("{b:02x}")).collect::<String>()).unwrap();
+        }
+    }
+    let out = py.wait_with_output().unwrap();
+    assert!(out.status.success(), "python decoder failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "integration tier: needs python3 with fastavro (installed by scripts/test-integration.sh)"]
 async fn python_fastavro_decodes_every_topic_from_the_avsc_files() {
@@ -38,24 +59,7 @@ async fn python_fastavro_decodes_every_topic_from_the_avsc_files() {
         }
     }
     assert_eq!(values.len(), 4, "two submissions, two changes");
-    let mut py = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/external/decode_events.py"))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/avro"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    {
-        let mut stdin = py.stdin.take().unwrap();
-        for v in &values {
-            writeln!(stdin, "{}", v.iter().map(|b| format!("{b:02x}")).collect::<String>()).unwrap();
-        }
-    }
-    let out = py.wait_with_output().unwrap();
-    assert!(out.status.success(), "python decoder failed: {}", String::from_utf8_lossy(&out.stderr));
-    let decoded: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let decoded = decode_in_python(&values);
     assert_eq!(decoded.len(), values.len());
     for (raw, py) in values.iter().zip(&decoded) {
         let ours: schemas::ResourceChanged = schemas::decode_event(raw).unwrap();
@@ -111,24 +115,7 @@ async fn python_fastavro_decodes_the_attachments_topic() {
             .unwrap();
         values = c.poll(100, Duration::from_millis(500)).await.unwrap().into_iter().map(|r| r.value).collect();
     }
-    let mut py = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/external/decode_events.py"))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/avro"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    {
-        let mut stdin = py.stdin.take().unwrap();
-        for v in &values {
-            writeln!(stdin, "{}", v.iter().map(|b| format!("{b:02x}")).collect::<String>()).unwrap();
-        }
-    }
-    let out = py.wait_with_output().unwrap();
-    assert!(out.status.success(), "python decoder failed: {}", String::from_utf8_lossy(&out.stderr));
-    let decoded: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let decoded = decode_in_python(&values);
     let kinds: Vec<&str> = decoded.iter().map(|d| d["value"]["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["CASE_OPENED", "SUBMITTED", "LINKED"]);
     for (raw, py) in values.iter().zip(&decoded) {
