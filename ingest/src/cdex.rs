@@ -344,207 +344,6 @@ fn fhir_path(pointer: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-    use serde_json::json;
-
-    fn blob() -> Blob {
-        Blob {
-            sha256: "ab".repeat(32),
-            sha1: "qZk+NkcGgWq6PiVxeFDCbJzQ2J0=".into(),
-            size: 11,
-            location: "file:///b".into(),
-        }
-    }
-
-    fn params() -> Value {
-        json!({"resourceType": "Parameters", "parameter": [
-            {"name": "TrackingId", "valueIdentifier": {"system": "urn:payer", "value": "PA-1"}},
-            {"name": "AttachTo", "valueCode": "preauthorization"},
-            {"name": "PayerId", "valueIdentifier": {"value": "PAYER"}},
-            {"name": "OrganizationId", "valueIdentifier": {"value": "ORG"}},
-            {"name": "ProviderId", "valueIdentifier": {"value": "NPI"}},
-            {"name": "MemberId", "valueIdentifier": {"value": "M-1"}},
-            {"name": "ServiceDate", "valueDate": "2026-11-20"},
-            {"name": "Attachment", "part": [
-                {"name": "LineItem", "valueString": "1"},
-                {"name": "Code", "valueCodeableConcept": {"coding": [{"system": "http://loinc.org", "code": "11506-3"}]}},
-                {"name": "Content", "resource": {"resourceType": "DocumentReference", "status": "current",
-                    "content": [{"attachment": {"contentType": "application/pdf"}}]}}
-            ]},
-            {"name": "Final", "valueBoolean": false}
-        ]})
-    }
-
-    fn stored() -> Vec<StoredBytes> {
-        vec![StoredBytes { pointer: "/parameter/7/part/2/resource/content/0/attachment".into(), blob: blob() }]
-    }
-
-    fn check(p: &Value, s: &[StoredBytes]) -> Result<Submission, ApiError> {
-        submission(p, s, Envelope::new("AttachmentEvent", 1, "c".into(), None), "sub-1", "http://x/fhir/Binary")
-    }
-
-    fn expression(e: ApiError) -> (String, String) {
-        let i = &e.outcome.issue[0];
-        (i.expression.first().cloned().unwrap_or_default(), i.diagnostics.clone().unwrap_or_default())
-    }
-
-    #[test]
-    fn a_complete_submission_becomes_its_event() {
-        let s = check(&params(), &stored()).unwrap();
-        assert_eq!(s.tracking_id, "PA-1");
-        let ev = s.event;
-        assert_eq!(ev.kind, AttachmentEventKind::Submitted);
-        assert_eq!(ev.attach_to, Some(AttachTo::Preauthorization));
-        assert_eq!(ev.is_final, Some(false));
-        assert_eq!(ev.member_id.as_ref().map(|m| m.value.as_str()), Some("M-1"));
-        let a = &ev.attachments[0];
-        assert_eq!((a.index, a.line_items.as_slice()), (7, ["1".to_string()].as_slice()));
-        let doc: Value = serde_json::from_str(&a.resource).unwrap();
-        assert_eq!(doc["content"][0]["attachment"]["url"], format!("http://x/fhir/Binary/{}", "ab".repeat(32)));
-        assert_eq!(doc["content"][0]["attachment"]["size"], 11);
-        assert!(doc["content"][0]["attachment"].get("data").is_none());
-        assert_eq!(a.content[0].blob.as_ref().map(|b| b.size), Some(11));
-    }
-
-    #[test]
-    fn each_rule_names_its_parameter() {
-        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str, &str)> = vec![
-            (Box::new(|p| p["resourceType"] = json!("Bundle")), "resourceType", "Parameters"),
-            (
-                Box::new(|p| {
-                    p["parameter"].as_array_mut().unwrap().remove(0);
-                }),
-                "Parameters.parameter",
-                "TrackingId",
-            ),
-            (
-                Box::new(|p| {
-                    p["parameter"].as_array_mut().unwrap().remove(1);
-                }),
-                "Parameters.parameter",
-                "AttachTo",
-            ),
-            (
-                Box::new(|p| {
-                    p["parameter"].as_array_mut().unwrap().remove(5);
-                }),
-                "Parameters.parameter",
-                "MemberId",
-            ),
-            (
-                Box::new(|p| p["parameter"][1]["valueCode"] = json!("encounter")),
-                "Parameters.parameter[1].valueCode",
-                "'claim' or 'preauthorization'",
-            ),
-            (
-                Box::new(|p| {
-                    let a = p["parameter"].as_array_mut().unwrap();
-                    a.remove(4);
-                    a.remove(3);
-                }),
-                "Parameters.parameter",
-                "ProviderId or OrganizationId",
-            ),
-            (
-                Box::new(|p| {
-                    p["parameter"][1]["valueCode"] = json!("claim");
-                    p["parameter"].as_array_mut().unwrap().remove(6);
-                }),
-                "Parameters.parameter",
-                "precise to the day",
-            ),
-            (
-                Box::new(|p| {
-                    p["parameter"][1]["valueCode"] = json!("claim");
-                    p["parameter"][6] = json!({"name": "ServiceDate", "valueDateTime": "2026-11"});
-                }),
-                "Parameters.parameter[6]",
-                "precise to the day",
-            ),
-            (
-                Box::new(|p| {
-                    p["parameter"][7]["part"].as_array_mut().unwrap().pop();
-                }),
-                "Parameters.parameter[7].part",
-                "Content",
-            ),
-            (
-                Box::new(|p| {
-                    p["parameter"][7]["part"][2]["resource"] = json!({"resourceType": "Binary", "contentType": "x"})
-                }),
-                "Parameters.parameter[7].part[2].resource.resourceType",
-                "not Binary",
-            ),
-            (
-                Box::new(|p| {
-                    let a = p["parameter"].as_array_mut().unwrap();
-                    a.remove(7);
-                }),
-                "Parameters.parameter",
-                "Attachment",
-            ),
-            (
-                Box::new(|p| p["parameter"][0]["name"] = json!("Tracking")),
-                "Parameters.parameter[0].name",
-                "not a parameter",
-            ),
-            (
-                Box::new(|p| {
-                    let t = p["parameter"][0].clone();
-                    p["parameter"].as_array_mut().unwrap().push(t);
-                }),
-                "Parameters.parameter[9]",
-                "only once",
-            ),
-            (
-                Box::new(|p| p["parameter"][8]["valueBoolean"] = json!("no")),
-                "Parameters.parameter[8].valueBoolean",
-                "valueBoolean",
-            ),
-            (
-                Box::new(|p| p["parameter"][7]["part"][2]["resource"]["content"][0]["attachment"]["size"] = json!(12)),
-                "Parameters.parameter[7].part[2].resource.content[0].attachment.size",
-                "decodes to 11",
-            ),
-            (
-                Box::new(|p| {
-                    p["parameter"][7]["part"][2]["resource"]["content"][0]["attachment"]["hash"] = json!("AAAA")
-                }),
-                "Parameters.parameter[7].part[2].resource.content[0].attachment.hash",
-                "SHA-1",
-            ),
-        ];
-        for (mutate, at, says) in cases {
-            let mut p = params();
-            mutate(&mut p);
-            let (expr, diag) =
-                expression(check(&p, &stored()).err().unwrap_or_else(|| panic!("{at} / {says}: accepted")));
-            assert_eq!(expr, at, "{says}: {diag}");
-            assert!(diag.contains(says), "{at}: {diag}");
-        }
-        let (expr, diag) = expression(check(&params(), &[]).err().unwrap());
-        assert_eq!(expr, "Parameters.parameter[7].part[2].resource.content[0].attachment");
-        assert!(diag.contains("inline in data, or by url"), "{diag}");
-    }
-
-    #[test]
-    fn content_by_url_and_questionnaire_responses() {
-        let mut p = params();
-        p["parameter"][7]["part"][2]["resource"]["content"][0]["attachment"]["url"] =
-            json!("https://ehr.example/doc.pdf");
-        let s = check(&p, &[]).unwrap();
-        assert_eq!(s.event.attachments[0].content[0].source_url.as_deref(), Some("https://ehr.example/doc.pdf"));
-        p["parameter"][7]["part"][2]["resource"] = json!({"resourceType": "QuestionnaireResponse", "status": "completed",
-            "item": [{"linkId": "1", "answer": [{"valueString": "yes"}]}]});
-        let s = check(&p, &[]).unwrap();
-        assert_eq!(s.event.attachments[0].resource_type, "QuestionnaireResponse");
-        assert!(s.event.attachments[0].content.is_empty());
-    }
-}
-
 /// `GET /fhir/Claim/{id}/$attachments`: the case view. The Claim (or prior authorization) with
 /// every attachment sent under its tracking ids and what became of each: linked, held,
 /// rejected (with the reason), or a duplicate of an earlier one.
@@ -737,4 +536,206 @@ pub async fn submit_attachment(
         resp.headers_mut().insert("x-payerx-submission", v);
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn blob() -> Blob {
+        Blob {
+            sha256: "ab".repeat(32),
+            sha1: "qZk+NkcGgWq6PiVxeFDCbJzQ2J0=".into(),
+            size: 11,
+            location: "file:///b".into(),
+        }
+    }
+
+    fn params() -> Value {
+        json!({"resourceType": "Parameters", "parameter": [
+            {"name": "TrackingId", "valueIdentifier": {"system": "urn:payer", "value": "PA-1"}},
+            {"name": "AttachTo", "valueCode": "preauthorization"},
+            {"name": "PayerId", "valueIdentifier": {"value": "PAYER"}},
+            {"name": "OrganizationId", "valueIdentifier": {"value": "ORG"}},
+            {"name": "ProviderId", "valueIdentifier": {"value": "NPI"}},
+            {"name": "MemberId", "valueIdentifier": {"value": "M-1"}},
+            {"name": "ServiceDate", "valueDate": "2026-11-20"},
+            {"name": "Attachment", "part": [
+                {"name": "LineItem", "valueString": "1"},
+                {"name": "Code", "valueCodeableConcept": {"coding": [{"system": "http://loinc.org", "code": "11506-3"}]}},
+                {"name": "Content", "resource": {"resourceType": "DocumentReference", "status": "current",
+                    "content": [{"attachment": {"contentType": "application/pdf"}}]}}
+            ]},
+            {"name": "Final", "valueBoolean": false}
+        ]})
+    }
+
+    fn stored() -> Vec<StoredBytes> {
+        vec![StoredBytes { pointer: "/parameter/7/part/2/resource/content/0/attachment".into(), blob: blob() }]
+    }
+
+    fn check(p: &Value, s: &[StoredBytes]) -> Result<Submission, ApiError> {
+        submission(p, s, Envelope::new("AttachmentEvent", 1, "c".into(), None), "sub-1", "http://x/fhir/Binary")
+    }
+
+    fn expression(e: ApiError) -> (String, String) {
+        let i = &e.outcome.issue[0];
+        (i.expression.first().cloned().unwrap_or_default(), i.diagnostics.clone().unwrap_or_default())
+    }
+
+    #[test]
+    fn a_complete_submission_becomes_its_event() {
+        let s = check(&params(), &stored()).unwrap();
+        assert_eq!(s.tracking_id, "PA-1");
+        let ev = s.event;
+        assert_eq!(ev.kind, AttachmentEventKind::Submitted);
+        assert_eq!(ev.attach_to, Some(AttachTo::Preauthorization));
+        assert_eq!(ev.is_final, Some(false));
+        assert_eq!(ev.member_id.as_ref().map(|m| m.value.as_str()), Some("M-1"));
+        let a = &ev.attachments[0];
+        assert_eq!((a.index, a.line_items.as_slice()), (7, ["1".to_string()].as_slice()));
+        let doc: Value = serde_json::from_str(&a.resource).unwrap();
+        assert_eq!(doc["content"][0]["attachment"]["url"], format!("http://x/fhir/Binary/{}", "ab".repeat(32)));
+        assert_eq!(doc["content"][0]["attachment"]["size"], 11);
+        assert!(doc["content"][0]["attachment"].get("data").is_none());
+        assert_eq!(a.content[0].blob.as_ref().map(|b| b.size), Some(11));
+    }
+
+    #[test]
+    fn each_rule_names_its_parameter() {
+        type Mutation = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Mutation, &str, &str)> = vec![
+            (Box::new(|p| p["resourceType"] = json!("Bundle")), "resourceType", "Parameters"),
+            (
+                Box::new(|p| {
+                    p["parameter"].as_array_mut().unwrap().remove(0);
+                }),
+                "Parameters.parameter",
+                "TrackingId",
+            ),
+            (
+                Box::new(|p| {
+                    p["parameter"].as_array_mut().unwrap().remove(1);
+                }),
+                "Parameters.parameter",
+                "AttachTo",
+            ),
+            (
+                Box::new(|p| {
+                    p["parameter"].as_array_mut().unwrap().remove(5);
+                }),
+                "Parameters.parameter",
+                "MemberId",
+            ),
+            (
+                Box::new(|p| p["parameter"][1]["valueCode"] = json!("encounter")),
+                "Parameters.parameter[1].valueCode",
+                "'claim' or 'preauthorization'",
+            ),
+            (
+                Box::new(|p| {
+                    let a = p["parameter"].as_array_mut().unwrap();
+                    a.remove(4);
+                    a.remove(3);
+                }),
+                "Parameters.parameter",
+                "ProviderId or OrganizationId",
+            ),
+            (
+                Box::new(|p| {
+                    p["parameter"][1]["valueCode"] = json!("claim");
+                    p["parameter"].as_array_mut().unwrap().remove(6);
+                }),
+                "Parameters.parameter",
+                "precise to the day",
+            ),
+            (
+                Box::new(|p| {
+                    p["parameter"][1]["valueCode"] = json!("claim");
+                    p["parameter"][6] = json!({"name": "ServiceDate", "valueDateTime": "2026-11"});
+                }),
+                "Parameters.parameter[6]",
+                "precise to the day",
+            ),
+            (
+                Box::new(|p| {
+                    p["parameter"][7]["part"].as_array_mut().unwrap().pop();
+                }),
+                "Parameters.parameter[7].part",
+                "Content",
+            ),
+            (
+                Box::new(|p| {
+                    p["parameter"][7]["part"][2]["resource"] = json!({"resourceType": "Binary", "contentType": "x"})
+                }),
+                "Parameters.parameter[7].part[2].resource.resourceType",
+                "not Binary",
+            ),
+            (
+                Box::new(|p| {
+                    let a = p["parameter"].as_array_mut().unwrap();
+                    a.remove(7);
+                }),
+                "Parameters.parameter",
+                "Attachment",
+            ),
+            (
+                Box::new(|p| p["parameter"][0]["name"] = json!("Tracking")),
+                "Parameters.parameter[0].name",
+                "not a parameter",
+            ),
+            (
+                Box::new(|p| {
+                    let t = p["parameter"][0].clone();
+                    p["parameter"].as_array_mut().unwrap().push(t);
+                }),
+                "Parameters.parameter[9]",
+                "only once",
+            ),
+            (
+                Box::new(|p| p["parameter"][8]["valueBoolean"] = json!("no")),
+                "Parameters.parameter[8].valueBoolean",
+                "valueBoolean",
+            ),
+            (
+                Box::new(|p| p["parameter"][7]["part"][2]["resource"]["content"][0]["attachment"]["size"] = json!(12)),
+                "Parameters.parameter[7].part[2].resource.content[0].attachment.size",
+                "decodes to 11",
+            ),
+            (
+                Box::new(|p| {
+                    p["parameter"][7]["part"][2]["resource"]["content"][0]["attachment"]["hash"] = json!("AAAA")
+                }),
+                "Parameters.parameter[7].part[2].resource.content[0].attachment.hash",
+                "SHA-1",
+            ),
+        ];
+        for (mutate, at, says) in cases {
+            let mut p = params();
+            mutate(&mut p);
+            let (expr, diag) =
+                expression(check(&p, &stored()).err().unwrap_or_else(|| panic!("{at} / {says}: accepted")));
+            assert_eq!(expr, at, "{says}: {diag}");
+            assert!(diag.contains(says), "{at}: {diag}");
+        }
+        let (expr, diag) = expression(check(&params(), &[]).err().unwrap());
+        assert_eq!(expr, "Parameters.parameter[7].part[2].resource.content[0].attachment");
+        assert!(diag.contains("inline in data, or by url"), "{diag}");
+    }
+
+    #[test]
+    fn content_by_url_and_questionnaire_responses() {
+        let mut p = params();
+        p["parameter"][7]["part"][2]["resource"]["content"][0]["attachment"]["url"] =
+            json!("https://ehr.example/doc.pdf");
+        let s = check(&p, &[]).unwrap();
+        assert_eq!(s.event.attachments[0].content[0].source_url.as_deref(), Some("https://ehr.example/doc.pdf"));
+        p["parameter"][7]["part"][2]["resource"] = json!({"resourceType": "QuestionnaireResponse", "status": "completed",
+            "item": [{"linkId": "1", "answer": [{"valueString": "yes"}]}]});
+        let s = check(&p, &[]).unwrap();
+        assert_eq!(s.event.attachments[0].resource_type, "QuestionnaireResponse");
+        assert!(s.event.attachments[0].content.is_empty());
+    }
 }
