@@ -130,8 +130,9 @@ pub struct FetchArgs {
     /// Also fetch plain `http://` URLs (https only by default: the documents are PHI).
     #[arg(long = "attachment-fetch-allow-http", env = "PAYERX_ATTACHMENT_FETCH_ALLOW_HTTP", default_value_t = false)]
     pub allow_http: bool,
-    /// Time for one whole attempt (DNS, redirects, body), in seconds.
-    #[arg(long = "attachment-fetch-timeout-secs", env = "PAYERX_ATTACHMENT_FETCH_TIMEOUT_SECS", default_value_t = 120)]
+    /// Time for one whole attempt (DNS, redirects, body), in seconds. All attempts at one URL
+    /// stay under Kafka's default max.poll.interval.ms (5 min) with the default retries.
+    #[arg(long = "attachment-fetch-timeout-secs", env = "PAYERX_ATTACHMENT_FETCH_TIMEOUT_SECS", default_value_t = 60)]
     pub timeout_secs: u64,
     /// Time to connect to one address, in seconds.
     #[arg(
@@ -163,7 +164,7 @@ impl Default for FetchArgs {
         FetchArgs {
             allow: Vec::new(),
             allow_http: false,
-            timeout_secs: 120,
+            timeout_secs: 60,
             connect_timeout_secs: 10,
             max_bytes: None,
             max_redirects: 5,
