@@ -44,7 +44,7 @@ pub struct App {
     pub store: Option<Arc<ResourceStore>>,
     /// The CDex link view (with the views).
     pub links: Option<projections::LinkStore>,
-    /// The attachment blob store (ingest role).
+    /// The attachment blob store (ingest and processors roles).
     pub blobs: Option<blobs::BlobStore>,
     pub topic_prefix: String,
     /// The authorization server (ingest role, unless `--insecure-no-auth`).
@@ -118,7 +118,11 @@ impl App {
 
         let mut addr = None;
         let mut auth_server = None;
-        let blob_store = if args.roles.contains(&Role::Ingest) { Some(backend.open_blobs()?) } else { None };
+        let blob_store = if args.roles.iter().any(|r| matches!(r, Role::Ingest | Role::Processors)) {
+            Some(backend.open_blobs()?)
+        } else {
+            None
+        };
         if let (true, Some(store), Some(db)) = (args.roles.contains(&Role::Ingest), &store, &db) {
             let listener =
                 tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
@@ -173,6 +177,17 @@ impl App {
                 tokio::spawn(async move { audit_task.await.map_err(|e| anyhow::anyhow!("audit appender: {e}")) }),
             ));
             auth_server = auth;
+        }
+        if let (true, Some(blobs)) = (args.roles.contains(&Role::Processors), &blob_store) {
+            // Fetched attachments point at payerx's Binary like inline ones: under the public
+            // base URL, or the address ingest serves in this process, else FHIR-relative.
+            let base = args.base_url.clone().or_else(|| addr.map(|a| format!("http://{a}")));
+            let fetcher = Arc::new(crate::fetcher::Fetcher { config: args.fetch_config(base), blobs: blobs.clone() });
+            let (log, stop, prefix) = (log.clone(), shutdown.clone(), prefix.clone());
+            tasks.push((
+                "attachment-fetch",
+                tokio::spawn(async move { Ok(crate::fetcher::run(log, fetcher, &prefix, stop).await?) }),
+            ));
         }
         ready.store(true, Ordering::Release);
         tracing::info!(?addr, log = log.backend(), views = ?db.as_ref().map(|d| d.backend), roles = ?args.roles, "payerx started");

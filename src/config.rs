@@ -12,6 +12,8 @@ use clap::{Args, ValueEnum};
 use projections::Db;
 use runtime::{Log, LogConfig, TopicSpec};
 
+use crate::fetcher::{AllowEntry, FetchConfig, Policy};
+
 /// Where events and views live. Shared by `serve`, `load`, `events` and `replay`.
 #[derive(Debug, Clone, Args)]
 pub struct BackendArgs {
@@ -114,6 +116,62 @@ pub struct ServeArgs {
     /// Lifetime of refresh tokens (renewed on every use), in seconds.
     #[arg(long, env = "PAYERX_REFRESH_TOKEN_TTL", default_value_t = 30 * 24 * 3600)]
     pub refresh_token_ttl: u64,
+    #[command(flatten)]
+    pub fetch: FetchArgs,
+}
+
+/// How attachments sent by `attachment.url` are fetched (processors role).
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// Hosts, IP addresses or CIDR blocks that may be fetched from although they are private,
+    /// loopback or link-local (comma-separated). Public addresses need no entry.
+    #[arg(long = "attachment-fetch-allow", env = "PAYERX_ATTACHMENT_FETCH_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<AllowEntry>,
+    /// Also fetch plain `http://` URLs (https only by default: the documents are PHI).
+    #[arg(long = "attachment-fetch-allow-http", env = "PAYERX_ATTACHMENT_FETCH_ALLOW_HTTP", default_value_t = false)]
+    pub allow_http: bool,
+    /// Time for one whole attempt (DNS, redirects, body), in seconds. All attempts at one URL
+    /// stay under Kafka's default max.poll.interval.ms (5 min) with the default retries.
+    #[arg(long = "attachment-fetch-timeout-secs", env = "PAYERX_ATTACHMENT_FETCH_TIMEOUT_SECS", default_value_t = 60)]
+    pub timeout_secs: u64,
+    /// Time to connect to one address, in seconds.
+    #[arg(
+        long = "attachment-fetch-connect-timeout-secs",
+        env = "PAYERX_ATTACHMENT_FETCH_CONNECT_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
+    pub connect_timeout_secs: u64,
+    /// Largest document fetched; `--max-attachment-request-bytes` when unset.
+    #[arg(long = "attachment-fetch-max-bytes", env = "PAYERX_ATTACHMENT_FETCH_MAX_BYTES")]
+    pub max_bytes: Option<u64>,
+    /// Redirects followed (each one checked against the policy again).
+    #[arg(long = "attachment-fetch-max-redirects", env = "PAYERX_ATTACHMENT_FETCH_MAX_REDIRECTS", default_value_t = 5)]
+    pub max_redirects: usize,
+    /// Retries after the first attempt for timeouts, connection errors and HTTP 5xx/408/429.
+    #[arg(long = "attachment-fetch-retries", env = "PAYERX_ATTACHMENT_FETCH_RETRIES", default_value_t = 3)]
+    pub retries: u32,
+    /// Wait before the first retry, doubled each time, in milliseconds.
+    #[arg(
+        long = "attachment-fetch-retry-backoff-ms",
+        env = "PAYERX_ATTACHMENT_FETCH_RETRY_BACKOFF_MS",
+        default_value_t = 2000
+    )]
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for FetchArgs {
+    fn default() -> Self {
+        FetchArgs {
+            allow: Vec::new(),
+            allow_http: false,
+            timeout_secs: 60,
+            connect_timeout_secs: 10,
+            max_bytes: None,
+            max_redirects: 5,
+            retries: 3,
+            retry_backoff_ms: 2000,
+        }
+    }
 }
 
 impl BackendArgs {
@@ -207,6 +265,22 @@ impl ServeArgs {
             access_token_ttl: 900,
             token_cache_secs: 5,
             refresh_token_ttl: 30 * 24 * 3600,
+            fetch: FetchArgs::default(),
+        }
+    }
+
+    /// The fetcher's settings. `public_base` is where payerx serves Binary (see `App::start`).
+    pub fn fetch_config(&self, public_base: Option<String>) -> FetchConfig {
+        let f = &self.fetch;
+        FetchConfig {
+            policy: Policy { allow: f.allow.clone(), allow_http: f.allow_http },
+            connect_timeout: Duration::from_secs(f.connect_timeout_secs),
+            timeout: Duration::from_secs(f.timeout_secs),
+            max_bytes: f.max_bytes.unwrap_or(self.max_attachment_request_bytes),
+            max_redirects: f.max_redirects,
+            retries: f.retries,
+            retry_backoff: Duration::from_millis(f.retry_backoff_ms),
+            public_base,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod bench_attachments;
 pub mod bench_auth;
 pub mod config;
 pub mod events;
+pub mod fetcher;
 pub mod load;
 pub mod replay;
 pub mod security;

@@ -59,6 +59,8 @@ pub enum LinkStatus {
     Rejected,
     /// The same content was already received for this tracking id; nothing new was stored.
     Duplicate,
+    /// Sent by URL: waiting for the fetcher to store the bytes (FETCHED or FETCH_FAILED).
+    Fetching,
 }
 
 impl LinkStatus {
@@ -68,6 +70,7 @@ impl LinkStatus {
             LinkStatus::Linked => "linked",
             LinkStatus::Rejected => "rejected",
             LinkStatus::Duplicate => "duplicate",
+            LinkStatus::Fetching => "fetching",
         }
     }
 }
@@ -174,9 +177,38 @@ fn document_reference_id(item: &ItemRow) -> String {
 /// What a step changed: indexes into `LinkState::items` whose status is new.
 pub type Changed = Vec<usize>;
 
+/// Decides the item at `i` whose bytes are all stored: a duplicate of an earlier item with the
+/// same content, else linked to a case, rejected by every case, or held.
+fn decide(state: &mut LinkState, i: usize) {
+    let print = fingerprint(&state.items[i].attachment);
+    let earlier = state.items.iter().enumerate().find(|(j, e)| {
+        *j != i
+            && !matches!(e.status, LinkStatus::Rejected | LinkStatus::Duplicate | LinkStatus::Fetching)
+            && fingerprint(&e.attachment) == print
+    });
+    if let Some((_, e)) = earlier {
+        let (case_ref, doc, reason) = (
+            e.case_ref.clone(),
+            e.document_reference.clone(),
+            format!("same content as attachment {} of submission {}", e.attachment.index, e.submission_id),
+        );
+        let item = &mut state.items[i];
+        item.status = LinkStatus::Duplicate;
+        item.case_ref = case_ref;
+        item.document_reference = doc;
+        item.reason = Some(reason);
+    } else {
+        let item = &mut state.items[i];
+        item.status = LinkStatus::Held;
+        item.reason = None;
+        link(&state.cases, item);
+    }
+}
+
 /// The pure core: applies one input event to the state of its tracking id and returns the
 /// items whose status it decided. Outputs of the projection itself (HELD, LINKED, REJECTED)
-/// are not inputs; FETCHED is handled by the URL fetcher's events later.
+/// are not inputs. Content sent by URL waits as `fetching` until the fetcher's FETCHED (then
+/// it is decided like inline content) or FETCH_FAILED (then it is rejected with the reason).
 pub fn step(state: &mut LinkState, ev: &AttachmentEvent) -> Changed {
     match ev.kind {
         AttachmentEventKind::CaseOpened => {
@@ -226,38 +258,62 @@ pub fn step(state: &mut LinkState, ev: &AttachmentEvent) -> Changed {
                     received_at: ev.envelope.occurred_at,
                     attachment: a.clone(),
                 };
-                let print = fingerprint(a);
-                let earlier = state.items.iter().find(|i| {
-                    i.status != LinkStatus::Rejected
-                        && i.status != LinkStatus::Duplicate
-                        && fingerprint(&i.attachment) == print
-                });
+                let closed = closed_by.is_some();
                 if let Some(closer) = &closed_by {
                     item.status = LinkStatus::Rejected;
                     item.reason = Some(format!(
                         "the attachment set of tracking id {} was closed by submission {closer} (Final=true)",
                         ev.tracking_id
                     ));
-                } else if let Some(e) = earlier {
-                    item.status = LinkStatus::Duplicate;
-                    item.case_ref = e.case_ref.clone();
-                    item.document_reference = e.document_reference.clone();
-                    item.reason = Some(format!(
-                        "same content as attachment {} of submission {}",
-                        e.attachment.index, e.submission_id
-                    ));
-                } else {
-                    link(&state.cases, &mut item);
+                } else if a.awaits_fetch() {
+                    // Its identity (for duplicates) and its link wait for the bytes.
+                    item.status = LinkStatus::Fetching;
                 }
                 state.items.push(item);
-                changed.push(state.items.len() - 1);
+                let i = state.items.len() - 1;
+                if !closed && !a.awaits_fetch() {
+                    decide(state, i);
+                }
+                changed.push(i);
             }
             if ev.is_final != Some(false) && state.closed_by.is_none() {
                 state.closed_by = Some(submission_id);
             }
             changed
         }
-        _ => Vec::new(),
+        AttachmentEventKind::Fetched => {
+            let Some(submission_id) = ev.submission_id.as_deref() else { return Vec::new() };
+            let mut changed = Vec::new();
+            for fetched in ev.attachments.iter().filter(|a| !a.awaits_fetch()) {
+                let Some(i) = state.items.iter().position(|i| {
+                    i.submission_id == submission_id
+                        && i.attachment.index == fetched.index
+                        && i.status == LinkStatus::Fetching
+                }) else {
+                    continue; // decided already: a redelivered FETCHED changes nothing
+                };
+                let a = &mut state.items[i].attachment;
+                a.resource = fetched.resource.clone();
+                a.content = fetched.content.clone();
+                decide(state, i);
+                changed.push(i);
+            }
+            changed
+        }
+        AttachmentEventKind::FetchFailed => {
+            let Some(submission_id) = ev.submission_id.as_deref() else { return Vec::new() };
+            let reason = ev.reason.clone().unwrap_or_else(|| "the content sent by URL could not be fetched".into());
+            let mut changed = Vec::new();
+            for (i, item) in state.items.iter_mut().enumerate() {
+                if item.submission_id == submission_id && item.status == LinkStatus::Fetching {
+                    item.status = LinkStatus::Rejected;
+                    item.reason = Some(reason.clone());
+                    changed.push(i);
+                }
+            }
+            changed
+        }
+        AttachmentEventKind::Held | AttachmentEventKind::Linked | AttachmentEventKind::Rejected => Vec::new(),
     }
 }
 
@@ -397,23 +453,29 @@ async fn save_state(
         .bind(serde_json::to_string(item).map_err(json_err)?)
         .execute(&mut **tx)
         .await?;
-        if before.items.get(seq).is_none() {
-            // Which attachment sets hold each blob: Binary reads find their content type and
-            // their patient through it.
-            for c in &item.attachment.content {
-                let Some(b) = &c.blob else { continue };
-                sqlx::query(&format!(
-                    "INSERT INTO {} (sha256, tracking_id, seq, content_type) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (sha256, tracking_id, seq) DO NOTHING",
-                    blobs_table(g)
-                ))
-                .bind(b.sha256.as_str())
-                .bind(tracking)
-                .bind(seq as i64)
-                .bind(c.content_type.as_deref())
-                .execute(&mut **tx)
-                .await?;
+        // Which attachment sets hold each blob: Binary reads find their content type and their
+        // patient through it. Content fetched by URL gets its blob after the item was saved.
+        let known: Vec<&str> = before
+            .items
+            .get(seq)
+            .map(|b| b.attachment.content.iter().filter_map(|c| c.blob.as_ref().map(|b| b.sha256.as_str())).collect())
+            .unwrap_or_default();
+        for c in &item.attachment.content {
+            let Some(b) = &c.blob else { continue };
+            if known.contains(&b.sha256.as_str()) {
+                continue;
             }
+            sqlx::query(&format!(
+                "INSERT INTO {} (sha256, tracking_id, seq, content_type) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (sha256, tracking_id, seq) DO NOTHING",
+                blobs_table(g)
+            ))
+            .bind(b.sha256.as_str())
+            .bind(tracking)
+            .bind(seq as i64)
+            .bind(c.content_type.as_deref())
+            .execute(&mut **tx)
+            .await?;
         }
     }
     if let (None, Some(closer)) = (&before.closed_by, &state.closed_by) {
@@ -445,7 +507,7 @@ impl LinkProjection {
             }
         }
         for (submission, status, items) in groups {
-            if status == LinkStatus::Duplicate {
+            if matches!(status, LinkStatus::Duplicate | LinkStatus::Fetching) {
                 continue;
             }
             let first = &state.items[items[0]];
@@ -588,7 +650,13 @@ impl Projection for LinkProjection {
                     continue;
                 }
             };
-            if !matches!(ev.kind, AttachmentEventKind::CaseOpened | AttachmentEventKind::Submitted) {
+            if !matches!(
+                ev.kind,
+                AttachmentEventKind::CaseOpened
+                    | AttachmentEventKind::Submitted
+                    | AttachmentEventKind::Fetched
+                    | AttachmentEventKind::FetchFailed
+            ) {
                 continue;
             }
             let before = load_state(tx, g, &ev.tracking_id).await?;
@@ -799,6 +867,67 @@ mod tests {
             "{:?}",
             s.items[0].reason
         );
+    }
+
+    /// A submission whose document was sent by URL, and the fetcher's FETCHED for it.
+    fn by_url(id: &str) -> (AttachmentEvent, AttachmentEvent) {
+        let mut sub = submission(id, "aa", &[], Some(false));
+        let a = &mut sub.attachments[0];
+        a.resource = r#"{"resourceType":"DocumentReference","status":"current","content":[{"attachment":{"url":"https://ehr.example/d.pdf"}}]}"#.into();
+        let blob = a.content[0].blob.take();
+        a.content[0].source_url = Some("https://ehr.example/d.pdf".into());
+        let mut fetched = AttachmentEvent::new(envelope(), AttachmentEventKind::Fetched, "T1".into());
+        fetched.submission_id = Some(id.into());
+        let mut fa = sub.attachments[0].clone();
+        fa.content[0].blob = blob;
+        fa.resource = r#"{"resourceType":"DocumentReference","status":"current","content":[{"attachment":{"url":"Binary/aa","size":3}}]}"#.into();
+        fetched.attachments = vec![fa];
+        (sub, fetched)
+    }
+
+    #[test]
+    fn content_by_url_waits_for_its_fetch_then_links_in_either_order() {
+        let (sub, fetched) = by_url("s1");
+        // Fetched, then the case.
+        let mut a = LinkState::default();
+        assert_eq!(step(&mut a, &sub), [0]);
+        assert_eq!(a.items[0].status, LinkStatus::Fetching);
+        assert!(step(&mut a, &case(&[])).is_empty(), "a case does not link what is still being fetched");
+        assert_eq!(a.items[0].status, LinkStatus::Fetching);
+        assert_eq!(step(&mut a, &fetched), [0]);
+        assert_eq!(a.items[0].status, LinkStatus::Linked);
+        assert_eq!(a.items[0].attachment.content[0].blob.as_ref().unwrap().sha256, "aa");
+        assert!(a.items[0].attachment.resource.contains("Binary/aa"), "the stored resource points at payerx");
+        assert!(step(&mut a, &fetched).is_empty(), "a redelivered FETCHED changes nothing");
+        // Fetched before the case: held, then linked when the case arrives.
+        let mut b = LinkState::default();
+        step(&mut b, &sub);
+        assert_eq!(step(&mut b, &fetched), [0]);
+        assert_eq!(b.items[0].status, LinkStatus::Held);
+        assert_eq!(step(&mut b, &case(&[])), [0]);
+        assert_eq!(a.items, b.items);
+    }
+
+    #[test]
+    fn a_failed_fetch_rejects_with_its_reason_and_a_fetched_duplicate_is_found() {
+        let (sub, _) = by_url("s1");
+        let mut s = LinkState::default();
+        step(&mut s, &case(&[]));
+        step(&mut s, &sub);
+        let mut failed = AttachmentEvent::new(envelope(), AttachmentEventKind::FetchFailed, "T1".into());
+        failed.submission_id = Some("s1".into());
+        failed.reason = Some("https://ehr.example/d.pdf: HTTP status 404".into());
+        assert_eq!(step(&mut s, &failed), [0]);
+        assert_eq!(s.items[0].status, LinkStatus::Rejected);
+        assert_eq!(s.items[0].reason.as_deref(), Some("https://ehr.example/d.pdf: HTTP status 404"));
+        assert!(step(&mut s, &failed).is_empty(), "decided once");
+        // The same bytes inline first, then by URL: the fetched copy is a duplicate.
+        step(&mut s, &submission("s2", "aa", &[], Some(false)));
+        let (sub3, fetched3) = by_url("s3");
+        step(&mut s, &sub3);
+        step(&mut s, &fetched3);
+        assert_eq!(s.items[1].status, LinkStatus::Linked);
+        assert_eq!(s.items[2].status, LinkStatus::Duplicate);
     }
 
     #[test]

@@ -180,6 +180,9 @@ pub enum AttachmentEventKind {
     Held,
     Linked,
     Rejected,
+    /// Content sent by URL could not be fetched; `reason` names the URL and why. Last, as in
+    /// the `.avsc` symbols (Avro enums are positional).
+    FetchFailed,
 }
 
 /// CDex `AttachTo`, and the `Claim.use` of a case.
@@ -233,6 +236,13 @@ pub struct AttachmentContent {
     pub blob: Option<Blob>,
 }
 
+impl AttachmentContent {
+    /// Sent by URL and not fetched yet.
+    pub fn awaits_fetch(&self) -> bool {
+        self.blob.is_none() && self.source_url.is_some()
+    }
+}
+
 /// One CDex `Attachment` parameter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SubmittedAttachment {
@@ -243,6 +253,13 @@ pub struct SubmittedAttachment {
     pub resource: String,
     pub document_reference: Option<String>,
     pub content: Vec<AttachmentContent>,
+}
+
+impl SubmittedAttachment {
+    /// Some of its content was sent by URL and waits for the fetcher.
+    pub fn awaits_fetch(&self) -> bool {
+        self.content.iter().any(AttachmentContent::awaits_fetch)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

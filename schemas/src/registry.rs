@@ -346,6 +346,21 @@ mod tests {
         let (_, _, json) = decode_to_json(&bytes).expect("json");
         assert_eq!(json["final"], false);
         assert_eq!(json["attach_to"], "PREAUTHORIZATION");
+        // Every kind maps to its `.avsc` symbol (enums are positional in Avro).
+        for (kind, symbol) in [
+            (AttachmentEventKind::CaseOpened, "CASE_OPENED"),
+            (AttachmentEventKind::Submitted, "SUBMITTED"),
+            (AttachmentEventKind::Fetched, "FETCHED"),
+            (AttachmentEventKind::Held, "HELD"),
+            (AttachmentEventKind::Linked, "LINKED"),
+            (AttachmentEventKind::Rejected, "REJECTED"),
+            (AttachmentEventKind::FetchFailed, "FETCH_FAILED"),
+        ] {
+            ev.kind = kind;
+            let bytes = encode_event(&ev).expect("encode");
+            assert_eq!(decode_event::<AttachmentEvent>(&bytes).expect("decode").kind, kind);
+            assert_eq!(decode_to_json(&bytes).expect("json").2["kind"], symbol);
+        }
     }
 
     #[test]

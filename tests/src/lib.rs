@@ -34,8 +34,22 @@ pub struct Harness {
 }
 
 /// Runs a scenario on both tiers: `embedded` always, `kafka_postgres` in the integration tier.
+/// `both_tiers!(with tweak: a, b)` starts them with `Harness::start_with(tier, tweak)`.
 #[macro_export]
 macro_rules! both_tiers {
+    (with $tweak:ident: $($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn embedded() {
+                super::$name($crate::Harness::start_with($crate::Tier::Embedded, super::$tweak).await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            #[ignore = "integration tier: needs Kafka + PostgreSQL; run scripts/test-integration.sh"]
+            async fn kafka_postgres() {
+                super::$name($crate::Harness::start_with($crate::Tier::KafkaPostgres, super::$tweak).await).await
+            }
+        }
+    )*};
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -23,6 +23,22 @@ both_tiers!(
     bad_submissions_get_operation_outcomes,
 );
 
+// Fetching by URL needs the allow-list (the document server is on loopback), plain http and
+// short retries.
+both_tiers!(with fetching:
+    attachment_by_url_is_fetched_stored_and_linked,
+    refused_and_unreachable_urls_are_rejected_with_the_reason,
+);
+
+fn fetching(args: &mut payerx::ServeArgs) {
+    args.fetch.allow = vec!["127.0.0.1".parse().unwrap()];
+    args.fetch.allow_http = true;
+    args.fetch.retries = 2;
+    args.fetch.retry_backoff_ms = 20;
+    args.fetch.connect_timeout_secs = 2;
+    args.fetch.timeout_secs = 10;
+}
+
 fn pas_bundle(identifier: &str, member: &str) -> Value {
     json!({"resourceType": "Bundle", "type": "collection", "entry": [
         {"fullUrl": "urn:uuid:claim", "resource": {"resourceType": "Claim", "status": "active",
@@ -67,6 +83,24 @@ fn submission(tracking: &str, member: &str, bytes: &[u8], line_items: &[&str], i
     json!({"resourceType": "Parameters", "parameter": p})
 }
 
+/// A `$submit-attachment` Parameters whose document is sent by `attachment.url`.
+fn submission_by_url(tracking: &str, member: &str, url: &str) -> Value {
+    let mut p = submission(tracking, member, b"", &[], Some(false));
+    p["parameter"][4]["part"][0]["resource"]["content"][0]["attachment"] =
+        json!({"contentType": "application/pdf", "url": url});
+    p
+}
+
+/// A document server on loopback: `GET /doc.pdf` answers `body`. Returns its base URL.
+async fn document_server(body: &'static [u8]) -> String {
+    let app = axum::Router::new()
+        .route("/doc.pdf", axum::routing::get(move || async move { ([("content-type", "application/pdf")], body) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
 /// Submits a PAS request; returns (Claim id, tracking id).
 async fn prior_auth(h: &Harness, identifier: &str, member: &str) -> (String, String) {
     let r = h.post("/fhir/Claim/$submit", &pas_bundle(identifier, member)).await;
@@ -92,7 +126,8 @@ async fn case_attachments(h: &Harness, claim: &str, n: usize, settled: bool) -> 
             }
             let items: Vec<Value> =
                 view["parameter"].as_array().unwrap().iter().filter(|p| p["name"] == "attachment").cloned().collect();
-            let held = items.iter().any(|i| part(i, "status") == json!("held"));
+            let held =
+                items.iter().any(|i| part(i, "status") == json!("held") || part(i, "status") == json!("fetching"));
             (items.len() == n && (!settled || !held)).then_some(items)
         }
     })
@@ -392,5 +427,71 @@ async fn the_members_own_app_sees_their_prior_auth_documents_only(h: Harness) {
             reqwest::Client::new().get(h.url(&format!("/fhir/{doc_ref}"))).bearer_auth(bearer).send().await.unwrap();
         assert_eq!(r.status(), if sees { 200 } else { 404 });
     }
+    h.stop().await;
+}
+
+async fn attachment_by_url_is_fetched_stored_and_linked(h: Harness) {
+    const PDF: &[u8] = b"%PDF-1.4 operative report fetched by URL";
+    let server = document_server(PDF).await;
+    let (claim, tracking) = prior_auth(&h, "EHR-600", "M-600").await;
+    let r =
+        h.post("/fhir/$submit-attachment", &submission_by_url(&tracking, "M-600", &format!("{server}/doc.pdf"))).await;
+    assert_eq!(r.status(), 200, "the request does not wait for the fetch");
+    let items = case_attachments(&h, &claim, 1, true).await;
+    assert_eq!(part(&items[0], "status"), "linked", "{items:?}");
+    let doc_ref = part(&items[0], "documentReference")["reference"].as_str().unwrap().to_string();
+    let doc = h
+        .until("the DocumentReference is stored", || async {
+            let (status, doc) = h.get_json(&format!("/fhir/{doc_ref}")).await;
+            (status == 200).then_some(doc)
+        })
+        .await;
+    let attachment = &doc["content"][0]["attachment"];
+    let url = attachment["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with(&h.url("/fhir/Binary/")), "points at payerx, not the EHR: {url}");
+    assert_eq!(attachment["size"], PDF.len());
+    let r = h.client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/pdf");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), PDF);
+    let kinds: Vec<AttachmentEventKind> = attachment_events(&h, &tracking).await.iter().map(|e| e.kind).collect();
+    let pos = |k| kinds.iter().position(|x| *x == k).unwrap();
+    assert!(pos(AttachmentEventKind::Submitted) < pos(AttachmentEventKind::Fetched));
+    assert!(pos(AttachmentEventKind::Fetched) < pos(AttachmentEventKind::Linked), "{kinds:?}");
+    h.stop().await;
+}
+
+async fn refused_and_unreachable_urls_are_rejected_with_the_reason(h: Harness) {
+    let (claim, tracking) = prior_auth(&h, "EHR-700", "M-700").await;
+    let closed = tests::free_port();
+    let urls =
+        ["file:///etc/passwd".to_string(), "http://10.255.255.1/x".to_string(), format!("http://127.0.0.1:{closed}/x")];
+    for url in &urls {
+        let r = h.post("/fhir/$submit-attachment", &submission_by_url(&tracking, "M-700", url)).await;
+        assert_eq!(r.status(), 200);
+    }
+    let items = case_attachments(&h, &claim, 3, true).await;
+    let reasons: Vec<String> = items
+        .iter()
+        .map(|i| {
+            assert_eq!(part(i, "status"), "rejected", "{i}");
+            part(i, "reason").as_str().unwrap().to_string()
+        })
+        .collect();
+    // The case view lists items in arrival order.
+    assert!(
+        reasons[0].contains("file:///etc/passwd") && reasons[0].contains("refused by the fetch policy"),
+        "{}",
+        reasons[0]
+    );
+    assert!(reasons[0].contains("scheme 'file'"), "{}", reasons[0]);
+    assert!(reasons[1].contains("10.255.255.1") && reasons[1].contains("private"), "{}", reasons[1]);
+    assert!(reasons[1].contains("--attachment-fetch-allow"), "{}", reasons[1]);
+    assert!(reasons[2].contains(&format!("127.0.0.1:{closed}")), "{}", reasons[2]);
+    assert!(reasons[2].contains("connection failed") && reasons[2].contains("after 3 attempts"), "{}", reasons[2]);
+    let events = attachment_events(&h, &tracking).await;
+    let failed = events.iter().filter(|e| e.kind == AttachmentEventKind::FetchFailed).count();
+    let rejected = events.iter().filter(|e| e.kind == AttachmentEventKind::Rejected).count();
+    assert_eq!((failed, rejected), (3, 3), "never a silent drop");
     h.stop().await;
 }
