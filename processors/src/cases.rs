@@ -166,6 +166,7 @@ impl Processor for CasesProcessor {
                 opened.case_ref = Some(case.claim_ref.clone());
                 opened.case_patient = case.patient.clone();
                 opened.case_items = case.items.clone();
+                opened.case_identifiers = case.tracking_ids.clone();
                 opened.case_members = case.members.clone();
                 let value = schemas::encode_event(&opened)
                     .map_err(|e| ProcessError::Permanent { reason: e.to_string(), outcome: None })?;
@@ -242,6 +243,7 @@ mod tests {
         assert_eq!(ev.case_ref.as_deref(), Some("Claim/c1"));
         assert_eq!(ev.attach_to, Some(AttachTo::Preauthorization));
         assert_eq!(ev.case_items, ["1", "2"]);
+        assert_eq!(ev.case_identifiers.iter().map(|i| i.value.as_str()).collect::<Vec<_>>(), ["PA-1", "EHR-77"]);
         let members: Vec<&str> = ev.case_members.iter().map(|m| m.value.as_str()).collect();
         assert_eq!(members, ["M-1", "S-9"]);
         assert_eq!(out[0].topic, "payerx.attachments");

@@ -48,6 +48,9 @@ pub struct CaseRow {
     pub patient: Option<String>,
     pub items: Vec<String>,
     pub members: Vec<Identifier>,
+    /// Every identifier of the Claim (`#[serde(default)]`: rows stored before it was kept).
+    #[serde(default)]
+    pub identifiers: Vec<Identifier>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +87,9 @@ pub struct ItemRow {
     pub status: LinkStatus,
     pub attach_to: Option<AttachTo>,
     pub member_id: Option<Identifier>,
+    /// CDex AdminRefNumber, when the submission gave one.
+    #[serde(default)]
+    pub admin_ref: Option<Identifier>,
     pub is_final: bool,
     pub case_ref: Option<String>,
     /// The DocumentReference stored for it once linked (or the original's, for a duplicate).
@@ -122,6 +128,13 @@ fn fits(case: &CaseRow, item: &ItemRow) -> Result<Vec<String>, String> {
         };
         if !case.members.is_empty() && !case.members.iter().any(known) {
             return Err(format!("MemberId {} is not the member of {}", member.value, case.case_ref));
+        }
+    }
+    if let Some(admin) = &item.admin_ref {
+        // The payer's administrative reference (solicited prior-auth attachments) must be one of
+        // the case's identifiers; a case that lists none cannot contradict it.
+        if !case.identifiers.is_empty() && !case.identifiers.iter().any(|i| i.value == admin.value) {
+            return Err(format!("AdminRefNumber {} is not an identifier of {}", admin.value, case.case_ref));
         }
     }
     Ok(item.attachment.line_items.iter().filter(|l| !case.items.contains(l)).cloned().collect())
@@ -219,6 +232,7 @@ pub fn step(state: &mut LinkState, ev: &AttachmentEvent) -> Changed {
                 patient: ev.case_patient.clone(),
                 items: ev.case_items.clone(),
                 members: ev.case_members.clone(),
+                identifiers: ev.case_identifiers.clone(),
             };
             match state.cases.iter_mut().find(|c| c.case_ref == case.case_ref) {
                 Some(c) => *c = case,
@@ -250,6 +264,7 @@ pub fn step(state: &mut LinkState, ev: &AttachmentEvent) -> Changed {
                     status: LinkStatus::Held,
                     attach_to: ev.attach_to,
                     member_id: ev.member_id.clone(),
+                    admin_ref: ev.admin_ref_number.clone(),
                     is_final: ev.is_final != Some(false),
                     case_ref: None,
                     document_reference: None,
@@ -942,5 +957,51 @@ mod tests {
         assert_eq!(doc["context"]["related"][0]["reference"], "Claim/c1");
         assert_eq!(doc["subject"]["reference"], "Patient/p1");
         assert_eq!(doc["id"], id.as_str());
+    }
+
+    #[test]
+    fn an_admin_ref_number_must_be_an_identifier_of_the_case() {
+        let mut opened = case(&[]);
+        opened.case_identifiers =
+            vec![Identifier { system: None, value: "T1".into() }, Identifier { system: None, value: "AUTH-9".into() }];
+        let mut s = LinkState::default();
+        step(&mut s, &opened);
+        let mut right = submission("s1", "aa", &[], Some(false));
+        right.admin_ref_number = Some(Identifier { system: None, value: "AUTH-9".into() });
+        let mut wrong = submission("s2", "bb", &[], Some(false));
+        wrong.admin_ref_number = Some(Identifier { system: None, value: "AUTH-1".into() });
+        step(&mut s, &right);
+        step(&mut s, &wrong);
+        assert_eq!(s.items[0].status, LinkStatus::Linked);
+        assert_eq!(s.items[1].status, LinkStatus::Rejected);
+        assert!(
+            s.items[1].reason.as_deref().unwrap_or("").contains("AdminRefNumber AUTH-1"),
+            "{:?}",
+            s.items[1].reason
+        );
+    }
+
+    #[test]
+    fn a_questionnaire_response_is_stored_with_a_document_reference_pointing_at_it() {
+        let mut sub = submission("s1", "aa", &[], None);
+        sub.attachments[0].resource_type = "QuestionnaireResponse".into();
+        sub.attachments[0].resource = r#"{"resourceType":"QuestionnaireResponse","status":"completed"}"#.into();
+        sub.attachments[0].code = Some(r#"{"coding":[{"system":"http://loinc.org","code":"52016-3"}]}"#.into());
+        sub.attachments[0].content.clear();
+        let mut s = LinkState::default();
+        step(&mut s, &case(&[]));
+        step(&mut s, &sub);
+        let stored = stored_resources(&s.items[0], s.cases.first()).unwrap();
+        assert_eq!(
+            stored.iter().map(|(t, _, _)| t.as_str()).collect::<Vec<_>>(),
+            ["QuestionnaireResponse", "DocumentReference"]
+        );
+        let (qr_id, doc) = (&stored[0].1, &stored[1].2);
+        assert_eq!(doc["content"][0]["attachment"]["url"], format!("QuestionnaireResponse/{qr_id}"));
+        assert_eq!(doc["type"]["coding"][0]["code"], "52016-3", "the CDex Code becomes the document type");
+        assert_eq!(doc["context"]["related"][0]["reference"], "Claim/c1");
+        for (rtype, id, v) in &stored {
+            assert_eq!(v["id"], id.as_str(), "{rtype}");
+        }
     }
 }

@@ -336,6 +336,7 @@ mod tests {
         ev.case_ref = Some("Claim/c1".into());
         ev.case_patient = Some("Patient/p1".into());
         ev.case_items = vec!["1".into()];
+        ev.case_identifiers = vec![Identifier { system: Some("urn:pa".into()), value: "PA-1".into() }];
         ev.case_members = vec![Identifier { system: None, value: "M1".into() }];
         ev.unknown_line_items = vec!["3".into()];
         ev.reason = Some("r".into());
