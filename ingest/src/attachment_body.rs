@@ -29,7 +29,7 @@
 //!
 //! From a handler (the store and limits live in the app state):
 //!
-//! ```ignore
+//! ```text
 //! async fn submit_attachment(State(s): State<SharedState>, headers: HeaderMap, body: Body)
 //!     -> Result<Response, ApiError> {
 //!     let got = read_attachment_body(body, content_length(&headers), &s.blobs, &s.limits).await?;
