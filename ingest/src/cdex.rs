@@ -460,6 +460,25 @@ pub async fn binary(
     Ok(resp)
 }
 
+/// `Claim/{id}` of every stored Claim with `tracking_id` among its identifiers.
+async fn claims_with_identifier(state: &crate::SharedState, tracking_id: &str) -> Result<Vec<String>, ApiError> {
+    use projections::search::{Compartment, ParseOptions, SearchQuery};
+    // Any system: the tracking id is matched by value, as the link projection does. Commas and
+    // bars are search syntax, so escape them.
+    let value = tracking_id.replace('\\', "\\\\").replace(',', "\\,").replace('|', "\\|");
+    let Ok(q) = SearchQuery::parse("Claim", &[("identifier".to_string(), value)], &ParseOptions::default()) else {
+        return Ok(Vec::new());
+    };
+    Ok(state
+        .store
+        .search(&q, &Compartment::All)
+        .await?
+        .matches
+        .into_iter()
+        .map(|c| format!("Claim/{}", c.id))
+        .collect())
+}
+
 /// `POST /fhir/$submit-attachment`.
 pub async fn submit_attachment(
     axum::extract::State(state): axum::extract::State<crate::SharedState>,
@@ -518,7 +537,13 @@ pub async fn submit_attachment(
     state.log.append(vec![record]).await?;
     metrics::counter!("payerx_attachments_submitted_total").increment(sub.event.attachments.len() as u64);
     let n = sub.event.attachments.len();
-    let message = if known.cases.is_empty() {
+    // The link view learns of a case a moment after its Claim is stored (through the cases
+    // processor); the Claims themselves say whether one exists already.
+    let mut cases: Vec<String> = known.cases.iter().map(|c| c.case_ref.clone()).collect();
+    if cases.is_empty() {
+        cases = claims_with_identifier(&state, &sub.tracking_id).await?;
+    }
+    let message = if cases.is_empty() {
         format!(
             "{n} attachment(s) accepted and held for association with a future claim/prior authorization: \
              no claim or prior authorization with tracking id {} is known yet (submission {submission_id})",
@@ -528,7 +553,7 @@ pub async fn submit_attachment(
         format!(
             "{n} attachment(s) accepted for tracking id {} ({}) (submission {submission_id})",
             sub.tracking_id,
-            known.cases.iter().map(|c| c.case_ref.as_str()).collect::<Vec<_>>().join(", ")
+            cases.join(", ")
         )
     };
     let mut resp = crate::error::fhir_response(StatusCode::OK, &OperationOutcome::information(message).to_json());

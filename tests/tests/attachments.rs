@@ -281,6 +281,10 @@ async fn final_false_then_true_and_duplicates(h: &Harness) -> (String, String) {
     for (bytes, fin) in [(&b"one"[..], Some(false)), (&b"one"[..], Some(false)), (&b"two"[..], Some(true))] {
         let r = h.post("/fhir/$submit-attachment", &submission(&tracking, "M-400", bytes, &[], fin)).await;
         assert_eq!(r.status(), 200);
+        // Sent right after the PAS answer: the Claim is stored, so nothing is "held".
+        let oo = tests::json(r).await;
+        let said = oo["issue"][0]["diagnostics"].as_str().unwrap().to_string();
+        assert!(said.contains(&format!("accepted for tracking id {tracking}")), "{said}");
     }
     (claim, tracking)
 }
