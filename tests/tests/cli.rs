@@ -42,11 +42,12 @@ async fn load_feeds_ndjson_and_bundles(h: Harness) {
     assert_eq!(report.files, 3);
     assert_eq!(report.accepted, 200 + 1 + 1, "200 patients, one transaction event, one collection entry");
     assert_eq!(report.rejected, 2);
+    // Every partition progresses on its own: wait for all of them, not for one resource.
     h.eventually("loaded resources are visible", || async {
-        h.get("/fhir/Patient/l199").await.status() == 200 && h.get("/fhir/Coverage/cov1").await.status() == 200
+        h.app().store().count("Patient").await.unwrap() == 201 && h.get("/fhir/Coverage/cov1").await.status() == 200
     })
     .await;
-    assert_eq!(h.app().store().count("Patient").await.unwrap(), 201);
+    assert_eq!(h.get("/fhir/Patient/l199").await.status(), 200);
     assert_eq!(h.get("/fhir/Organization/org1").await.status(), 200);
     assert_eq!(h.get("/fhir/Patient/bad").await.status(), 404);
     h.stop().await;
