@@ -96,7 +96,15 @@ pub fn add_operations(cs: &mut Value, max_attachment_request_bytes: u64) {
         "name": "submit-attachment",
         "definition": "http://hl7.org/fhir/us/davinci-cdex/OperationDefinition/submit-attachment",
         "documentation": format!(
-            "Da Vinci CDex 2.1 $submit-attachment (POST only). Content: DocumentReference (attachment.data inline, or attachment.url)              and QuestionnaireResponse. Requests are limited to {max_attachment_request_bytes} bytes including the base64 data              (413 beyond): send larger documents by attachment.url instead. Inline data streams to a content-addressed store              (SHA-256) and is served at Binary/{{sha256}}; attachment.size and attachment.hash (SHA-1), when given, must match.              200 = accepted; 200 with an informational OperationOutcome = held for association with a future claim/prior              authorization; 422 = the tracking id's attachment set was closed by an earlier Final=true submission."
+            "Da Vinci CDex 2.1 $submit-attachment (POST only). Content: DocumentReference (attachment.data inline, or attachment.url) \
+             and QuestionnaireResponse. Requests are limited to {max_attachment_request_bytes} bytes including the base64 data \
+             (413 beyond): send larger documents by attachment.url instead. Inline data streams to a content-addressed store \
+             (SHA-256) and is served at Binary/{{sha256}}; attachment.size and attachment.hash (SHA-1), when given, must match. \
+             Content by attachment.url is fetched after the answer by a worker (https only; private, loopback and link-local \
+             addresses refused unless allow-listed); a refused or unreachable URL rejects the attachment, shown with its reason \
+             by Claim/{{id}}/$attachments and as a REJECTED event. 200 = accepted; 200 with an informational OperationOutcome = \
+             held for association with a future claim/prior authorization; 422 = the tracking id's attachment set was closed by an \
+             earlier Final=true submission."
         )
     });
     if let Some(rest) = cs.pointer_mut("/rest/0").and_then(Value::as_object_mut) {
@@ -107,9 +115,11 @@ pub fn add_operations(cs: &mut Value, max_attachment_request_bytes: u64) {
     }
     let claim_ops = json!([
         {"name": "submit", "definition": "http://hl7.org/fhir/us/davinci-pas/OperationDefinition/Claim-submit",
-         "documentation": "Da Vinci PAS prior authorization request (Claim.use = preauthorization). Answers a ClaimResponse with              outcome queued and preAuthRef = the tracking id to use as CDex TrackingId."},
+         "documentation": "Da Vinci PAS prior authorization request (Claim.use = preauthorization). Answers a ClaimResponse with \
+             outcome queued and preAuthRef = the tracking id to use as CDex TrackingId."},
         {"name": "attachments", "definition": "urn:payerx:OperationDefinition/Claim-attachments",
-         "documentation": "GET Claim/{id}/$attachments: the case view, a Parameters with the Claim and every attachment sent under              its tracking ids with its link status (linked, held, rejected with the reason, duplicate)."}
+         "documentation": "GET Claim/{id}/$attachments: the case view, a Parameters with the Claim and every attachment sent under \
+             its tracking ids with its link status (linked, held, rejected with the reason, duplicate)."}
     ]);
     if let Some(resources) = cs.pointer_mut("/rest/0/resource").and_then(Value::as_array_mut) {
         if let Some(claim) = resources.iter_mut().find(|r| r["type"] == "Claim").and_then(Value::as_object_mut) {

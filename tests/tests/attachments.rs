@@ -444,12 +444,7 @@ async fn attachment_by_url_is_fetched_stored_and_linked(h: Harness) {
     let items = case_attachments(&h, &claim, 1, true).await;
     assert_eq!(part(&items[0], "status"), "linked", "{items:?}");
     let doc_ref = part(&items[0], "documentReference")["reference"].as_str().unwrap().to_string();
-    let doc = h
-        .until("the DocumentReference is stored", || async {
-            let (status, doc) = h.get_json(&format!("/fhir/{doc_ref}")).await;
-            (status == 200).then_some(doc)
-        })
-        .await;
+    let doc = stored_doc(&h, &doc_ref).await;
     let attachment = &doc["content"][0]["attachment"];
     let url = attachment["url"].as_str().unwrap().to_string();
     assert!(url.starts_with(&h.url("/fhir/Binary/")), "points at payerx, not the EHR: {url}");

@@ -123,6 +123,12 @@ async fn a_90_mb_body_streams_in_bounded_memory_and_120_mb_is_refused() {
     let op = cs["rest"][0]["operation"].as_array().unwrap().iter().find(|o| o["name"] == "submit-attachment").unwrap();
     let doc = op["documentation"].as_str().unwrap();
     assert!(doc.contains("100000000") && doc.contains("attachment.url"), "{doc}");
+    assert!(doc.contains("fetched after the answer"), "fetching by URL is documented: {doc}");
+    assert!(!doc.contains("  "), "one space between words: {doc}");
+    let claim = cs["rest"][0]["resource"].as_array().unwrap().iter().find(|r| r["type"] == "Claim").unwrap();
+    for op in claim["operation"].as_array().unwrap() {
+        assert!(!op["documentation"].as_str().unwrap().contains("  "), "{op}");
+    }
     child.kill().unwrap();
     let _ = child.wait();
 }
