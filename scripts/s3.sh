@@ -6,6 +6,8 @@
 # Credentials: access key `payerx`, secret `payerx-secret` (export them as AWS_ACCESS_KEY_ID /
 # AWS_SECRET_ACCESS_KEY for the client).
 set -euo pipefail
+# shellcheck source=daemon.sh
+source "$(dirname "$0")/daemon.sh"
 
 # 0.14.1: the newest release that builds with the toolchain here (0.17 needs rustc 1.96).
 S3S_FS_VERSION=0.14.1
@@ -37,36 +39,17 @@ start() {
         echo "s3s-fs already running from $dir (pid $(cat "$dir/s3s.pid"))" >&2
         exit 1
     fi
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(free_port)
     nohup "$bin" --host 127.0.0.1 --port "$port" --access-key payerx --secret-key payerx-secret \
         "$dir/s3" >"$dir/s3s.log" 2>&1 </dev/null &
     echo $! >"$dir/s3s.pid"
 
-    local deadline=$((SECONDS + 30))
-    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
-        if ! kill -0 "$(cat "$dir/s3s.pid")" 2>/dev/null || ((SECONDS >= deadline)); then
-            echo "s3s-fs did not come up on 127.0.0.1:$port; last lines of $dir/s3s.log:" >&2
-            tail -n 30 "$dir/s3s.log" >&2 || true
-            stop "$dir"
-            exit 1
-        fi
-        sleep 0.2
-    done
+    wait_listening s3s-fs "$port" "$dir/s3s.pid" "$dir/s3s.log"
     echo "http://127.0.0.1:$port"
 }
 
 stop() {
-    local dir=$1 pid
-    [[ -f "$dir/s3s.pid" ]] || return 0
-    pid=$(cat "$dir/s3s.pid")
-    if kill "$pid" 2>/dev/null; then
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$dir/s3s.pid"
+    stop_pidfile "$1/s3s.pid"
 }
 
 case "${1:-}" in

@@ -10,6 +10,8 @@
 # consumer resumption and end offsets are wrong there. Its SQL engines store one row per record and
 # behave like Kafka. Override with TANSU_STORAGE=memory://tansu/ once that is fixed upstream.
 set -euo pipefail
+# shellcheck source=daemon.sh
+source "$(dirname "$0")/daemon.sh"
 
 tansu_bin() {
     if command -v tansu >/dev/null 2>&1; then
@@ -38,8 +40,7 @@ start() {
         echo "tansu already running from $dir (pid $(cat "$dir/tansu.pid"))" >&2
         exit 1
     fi
-    # Port 0 lets the kernel pick a free port; tiny race until tansu binds it, fine for tests.
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(free_port)
     rm -f "$dir"/tansu.db "$dir"/tansu.db-*
     # tansu resolves sqlite://NAME against its working directory, hence the cd.
     (cd "$dir" && exec nohup "$bin" broker \
@@ -49,32 +50,12 @@ start() {
         >"$dir/tansu.log" 2>&1 </dev/null) &
     echo $! >"$dir/tansu.pid"
 
-    local deadline=$((SECONDS + 30))
-    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
-        if ! kill -0 "$(cat "$dir/tansu.pid")" 2>/dev/null || ((SECONDS >= deadline)); then
-            echo "tansu did not come up on 127.0.0.1:$port; last lines of $dir/tansu.log:" >&2
-            tail -n 30 "$dir/tansu.log" >&2 || true
-            stop "$dir"
-            exit 1
-        fi
-        sleep 0.2
-    done
+    wait_listening tansu "$port" "$dir/tansu.pid" "$dir/tansu.log"
     echo "127.0.0.1:$port"
 }
 
 stop() {
-    local dir=$1 pid
-    [[ -f "$dir/tansu.pid" ]] || return 0
-    pid=$(cat "$dir/tansu.pid")
-    if kill "$pid" 2>/dev/null; then
-        # Bounded wait for a clean exit, then force it.
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$dir/tansu.pid"
+    stop_pidfile "$1/tansu.pid"
 }
 
 case "${1:-}" in
