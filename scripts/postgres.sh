@@ -5,6 +5,8 @@
 #   scripts/postgres.sh stop DIR    stop it
 # initdb and pg_ctl refuse to run as root, so they run as the postgres user when we are root.
 set -euo pipefail
+# shellcheck source=daemon.sh
+source "$(dirname "$0")/daemon.sh"
 
 pg_bin() {
     local d
@@ -34,7 +36,7 @@ start() {
     mkdir -p "$dir/pg"
     dir=$(cd "$dir" && pwd)
     [[ $(id -u) -eq 0 ]] && chown -R postgres "$dir/pg"
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(free_port)
     as_pg "$bin/initdb" -D "$dir/pg/data" -A trust -U postgres --no-sync >"$dir/pg/initdb.log" 2>&1 \
         || { cat "$dir/pg/initdb.log" >&2; exit 1; }
     # Test settings: durability traded for speed, enough connections for parallel tests.
