@@ -679,9 +679,9 @@ pub async fn run(
                 Err(e) => tracing::error!(error = %e, "attachment fetch outcome not encodable"),
             }
             // Fetches are slow: commit as soon as an outcome is durable, not once per batch.
-            commit(&mut *consumer, &opts, &next).await?;
+            runtime::processor::commit(&mut *consumer, &opts, &next).await?;
         }
-        commit(&mut *consumer, &opts, &next).await?;
+        runtime::processor::commit(&mut *consumer, &opts, &next).await?;
         if interrupted {
             break;
         }
@@ -694,27 +694,6 @@ fn set_next(next: &mut Vec<(String, i32, i64)>, input: &Consumed) {
     match next.iter_mut().find(|(t, p, _)| *t == input.topic && *p == input.partition) {
         Some(n) => n.2 = input.offset + 1,
         None => next.push((input.topic.clone(), input.partition, input.offset + 1)),
-    }
-}
-
-async fn commit(
-    consumer: &mut dyn runtime::Consumer,
-    opts: &RunOptions,
-    offsets: &[(String, i32, i64)],
-) -> Result<(), LogError> {
-    if offsets.is_empty() {
-        return Ok(());
-    }
-    let mut backoff = opts.initial_backoff;
-    loop {
-        match consumer.commit(offsets).await {
-            Err(e) if e.is_retriable() => {
-                tracing::warn!(error = %e, "offset commit failed, retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(opts.max_backoff);
-            }
-            other => return other,
-        }
     }
 }
 

@@ -154,25 +154,36 @@ pub async fn run(
             }
         }
         let offsets: Vec<(String, i32, i64)> = next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
-        if !offsets.is_empty() {
-            let mut backoff = opts.initial_backoff;
-            loop {
-                match consumer.commit(&offsets).await {
-                    Err(e) if e.is_retriable() => {
-                        tracing::warn!(stage, error = %e, "offset commit failed, retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(opts.max_backoff);
-                    }
-                    other => break other?,
-                }
-            }
-        }
+        commit(&mut *consumer, &opts, &offsets).await?;
         if interrupted {
             break;
         }
     }
     tracing::info!(stage, "processor stopped");
     Ok(())
+}
+
+/// Commits a group's offsets, retrying with backoff while the failure is retriable (a commit
+/// that never lands would redeliver everything after a restart). Nothing to commit is a no-op.
+pub async fn commit(
+    consumer: &mut dyn crate::log::Consumer,
+    opts: &RunOptions,
+    offsets: &[(String, i32, i64)],
+) -> Result<(), LogError> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let mut backoff = opts.initial_backoff;
+    loop {
+        match consumer.commit(offsets).await {
+            Err(e) if e.is_retriable() => {
+                tracing::warn!(error = %e, ?backoff, "offset commit failed, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(opts.max_backoff);
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Retries a log operation with exponential backoff while it fails with a retriable error.
