@@ -460,25 +460,6 @@ pub async fn binary(
     Ok(resp)
 }
 
-/// `Claim/{id}` of every stored Claim with `tracking_id` among its identifiers.
-async fn claims_with_identifier(state: &crate::SharedState, tracking_id: &str) -> Result<Vec<String>, ApiError> {
-    use projections::search::{Compartment, ParseOptions, SearchQuery};
-    // Any system: the tracking id is matched by value, as the link projection does. Commas and
-    // bars are search syntax, so escape them.
-    let value = tracking_id.replace('\\', "\\\\").replace(',', "\\,").replace('|', "\\|");
-    let Ok(q) = SearchQuery::parse("Claim", &[("identifier".to_string(), value)], &ParseOptions::default()) else {
-        return Ok(Vec::new());
-    };
-    Ok(state
-        .store
-        .search(&q, &Compartment::All)
-        .await?
-        .matches
-        .into_iter()
-        .map(|c| format!("Claim/{}", c.id))
-        .collect())
-}
-
 /// `POST /fhir/$submit-attachment`.
 pub async fn submit_attachment(
     axum::extract::State(state): axum::extract::State<crate::SharedState>,
@@ -541,7 +522,9 @@ pub async fn submit_attachment(
     // processor); the Claims themselves say whether one exists already.
     let mut cases: Vec<String> = known.cases.iter().map(|c| c.case_ref.clone()).collect();
     if cases.is_empty() {
-        cases = claims_with_identifier(&state, &sub.tracking_id).await?;
+        // Any system: the tracking id is matched by value, as the link projection does.
+        cases = state.store.ids_by_identifier("Claim", None, &sub.tracking_id).await?;
+        cases.iter_mut().for_each(|id| *id = format!("Claim/{id}"));
     }
     let message = if cases.is_empty() {
         format!(

@@ -156,7 +156,6 @@ pub fn prepare(bundle: &Value, now: &str) -> Result<PasRequest, ApiError> {
 /// The payer's own Patient for the member in a PAS request: the one Patient found by the
 /// identifiers of the request's (contained) patient. None when no or several Patients match.
 async fn member(state: &SharedState, claim: &Value) -> Result<Option<String>, ApiError> {
-    use projections::search::{Compartment, ParseOptions, SearchQuery};
     let at = claim.pointer("/patient/reference").and_then(Value::as_str).unwrap_or_default();
     let Some(patient) = claim["contained"]
         .as_array()
@@ -167,17 +166,7 @@ async fn member(state: &SharedState, claim: &Value) -> Result<Option<String>, Ap
     let mut found = std::collections::BTreeSet::new();
     for i in patient["identifier"].as_array().into_iter().flatten() {
         let Some(value) = i["value"].as_str() else { continue };
-        let token = match i["system"].as_str() {
-            Some(system) => format!("{system}|{value}"),
-            None => value.to_string(),
-        };
-        let Ok(q) = SearchQuery::parse("Patient", &[("identifier".to_string(), token)], &ParseOptions::default())
-        else {
-            continue;
-        };
-        for m in state.store.search(&q, &Compartment::All).await?.matches {
-            found.insert(m.id);
-        }
+        found.extend(state.store.ids_by_identifier("Patient", i["system"].as_str(), value).await?);
     }
     Ok(match found.len() {
         1 => found.into_iter().next().map(|id| format!("Patient/{id}")),

@@ -193,6 +193,18 @@ async fn pas_submit_answers_a_tracking_id(h: Harness) {
         events.iter().any(|e| e.kind == AttachmentEventKind::CaseOpened)
     })
     .await;
+    // A tracking id with search syntax in it (a comma, a bar) is still matched literally.
+    let odd = "T,ODD|1";
+    let claim = json!({"resourceType": "Claim", "id": "odd-claim", "status": "active",
+        "identifier": [{"system": "urn:payer:pa", "value": odd}],
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+        "use": "preauthorization", "patient": {"reference": "Patient/x", "identifier": {"value": "M-ODD"}},
+        "created": "2026-11-20", "provider": {"reference": "Organization/prov"}, "priority": {"coding": [{"code": "normal"}]},
+        "insurance": [{"sequence": 1, "focal": true, "coverage": {"reference": "Coverage/c"}}]});
+    assert_eq!(h.put("/fhir/Claim/odd-claim", &claim).await.status(), 201);
+    let r = h.post("/fhir/$submit-attachment", &submission(odd, "M-ODD", b"odd", &[], None)).await;
+    let said = tests::json(r).await["issue"][0]["diagnostics"].as_str().unwrap().to_string();
+    assert!(said.contains("(Claim/odd-claim)"), "{said}");
     let r = h.post("/fhir/Claim/$submit", &json!({"resourceType": "Bundle", "type": "collection", "entry": []})).await;
     assert_eq!(r.status(), 400);
     assert_eq!(expression(&tests::json(r).await), "Bundle.entry[0].resource");

@@ -163,6 +163,24 @@ fn text_match(sql: &mut Sql, m: &TextMatch) {
 }
 
 impl ResourceStore {
+    /// Ids of the `rtype` resources with an identifier `value` (in `system` when given): the
+    /// in-process form of `GET /fhir/{rtype}?identifier=system|value`, across compartments, first
+    /// page only. The value is escaped, so commas and bars in it match literally.
+    pub async fn ids_by_identifier(
+        &self,
+        rtype: &str,
+        system: Option<&str>,
+        value: &str,
+    ) -> Result<Vec<String>, ProjectionError> {
+        let escape = |s: &str| s.replace('\\', "\\\\").replace(',', "\\,").replace('|', "\\|");
+        let token = match system {
+            Some(system) => format!("{}|{}", escape(system), escape(value)),
+            None => escape(value),
+        };
+        let q = super::SearchQuery::parse(rtype, &[("identifier".to_string(), token)], &Default::default())?;
+        Ok(self.search(&q, &Compartment::All).await?.matches.into_iter().map(|m| m.id).collect())
+    }
+
     /// Runs a parsed search: one page of matches (keyset-paged on the id), the included
     /// resources, and the total when asked. `compartment` limits the matches; includes are
     /// returned for the caller to filter by type and compartment.
