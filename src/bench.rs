@@ -188,7 +188,7 @@ impl Drop for Scratch {
 }
 
 /// A `kB` field of /proc/self/status.
-fn status_kib(field: &str) -> Option<u64> {
+pub(crate) fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

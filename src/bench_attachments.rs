@@ -22,7 +22,7 @@ use schemas::{topics, AttachmentEvent, AttachmentEventKind};
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use crate::bench::{peak_rss_kib, reset_peak_rss, Latency};
+use crate::bench::{peak_rss_kib, reset_peak_rss, status_kib, Latency};
 use crate::bench_auth::{fresh_backend, token};
 use crate::config::{BackendArgs, ServeArgs};
 use crate::App;
@@ -257,7 +257,7 @@ async fn large(app: &App, client: &reqwest::Client, tag: &str, mb: u64) -> anyho
     let base = app.base_url();
     let size = mb * 1_000_000;
     let (body, len) = streamed_body(&format!("BENCH-{tag}-0"), &format!("M-{tag}-0"), size, mb ^ 0xABCD);
-    let rss_base = rss_now();
+    let rss_base = status_kib("VmRSS:");
     reset_peak_rss();
     eprintln!("bench: attachments: one {mb} MB document ({:.0} MB body)", len as f64 / 1e6);
     let t = Instant::now();
@@ -288,7 +288,7 @@ async fn large(app: &App, client: &reqwest::Client, tag: &str, mb: u64) -> anyho
 /// as the clients of the phase it is the floor of).
 async fn floor(app: &App, name: String, count: usize, size: u64, concurrency: usize) -> anyhow::Result<Figures> {
     let store = app.blobs.clone().context("payerx started without its blob store")?;
-    let base = rss_now();
+    let base = status_kib("VmRSS:");
     reset_peak_rss();
     let t = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -315,18 +315,6 @@ async fn floor(app: &App, name: String, count: usize, size: u64, concurrency: us
         linked: None,
         peak_rss_kib: growth(base),
     })
-}
-
-/// VmRSS now, KiB.
-fn rss_now() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// How far the peak rose above `base` (VmRSS at the phase's start): what the phase itself held.
