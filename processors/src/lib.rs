@@ -2,6 +2,7 @@
 //! processor; [`runtime::processor::run`] moves their events.
 
 pub mod cases;
+pub mod member_match;
 pub mod validate;
 pub mod validate_processor;
 
