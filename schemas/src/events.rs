@@ -323,3 +323,169 @@ impl AttachmentEvent {
         self.tracking_id.clone()
     }
 }
+
+/// What a `MemberMatchRequested` is: see `avro/member-match-request/v1.avsc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MemberMatchRequestKind {
+    Single,
+    BulkMember,
+    BulkClosed,
+}
+
+/// A `$member-match` request (or one member of a bulk request), as ingest appends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberMatchRequested {
+    pub envelope: Envelope,
+    pub kind: MemberMatchRequestKind,
+    pub request_hash: String,
+    pub member_patient: Option<String>,
+    pub coverage_to_match: Option<String>,
+    pub coverage_to_link: Option<String>,
+    pub consent: Option<String>,
+    pub problem: Option<String>,
+    pub bulk_job: Option<String>,
+    pub bulk_index: Option<i32>,
+    pub bulk_total: Option<i32>,
+    pub requester: Option<String>,
+}
+
+impl MemberMatchRequested {
+    pub const EVENT_TYPE: &'static str = "MemberMatchRequested";
+
+    /// A request of `kind` with every optional field empty.
+    pub fn new(envelope: Envelope, kind: MemberMatchRequestKind, request_hash: String) -> Self {
+        MemberMatchRequested {
+            envelope,
+            kind,
+            request_hash,
+            member_patient: None,
+            coverage_to_match: None,
+            coverage_to_link: None,
+            consent: None,
+            problem: None,
+            bulk_job: None,
+            bulk_index: None,
+            bulk_total: None,
+            requester: None,
+        }
+    }
+
+    /// The record key: the requesting client, so one client's attempts stay in order (the
+    /// brute-force counter depends on it).
+    pub fn key(&self) -> String {
+        member_match_key(self.envelope.client_id.as_deref())
+    }
+}
+
+/// The key of both member-match topics.
+pub fn member_match_key(client_id: Option<&str>) -> String {
+    format!("client/{}", client_id.unwrap_or("anonymous"))
+}
+
+/// How a member-match request was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MemberMatchOutcome {
+    Matched,
+    NoMatch,
+    MultipleMatches,
+    ConsentRefused,
+    Throttled,
+    Invalid,
+    BulkCompleted,
+}
+
+impl MemberMatchOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberMatchOutcome::Matched => "MATCHED",
+            MemberMatchOutcome::NoMatch => "NO_MATCH",
+            MemberMatchOutcome::MultipleMatches => "MULTIPLE_MATCHES",
+            MemberMatchOutcome::ConsentRefused => "CONSENT_REFUSED",
+            MemberMatchOutcome::Throttled => "THROTTLED",
+            MemberMatchOutcome::Invalid => "INVALID",
+            MemberMatchOutcome::BulkCompleted => "BULK_COMPLETED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            MemberMatchOutcome::Matched,
+            MemberMatchOutcome::NoMatch,
+            MemberMatchOutcome::MultipleMatches,
+            MemberMatchOutcome::ConsentRefused,
+            MemberMatchOutcome::Throttled,
+            MemberMatchOutcome::Invalid,
+            MemberMatchOutcome::BulkCompleted,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
+
+    /// A failed attempt for the brute-force counter.
+    pub fn is_failed_attempt(self) -> bool {
+        matches!(self, MemberMatchOutcome::NoMatch | MemberMatchOutcome::MultipleMatches)
+    }
+}
+
+/// The decision on one member-match request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberMatchDecided {
+    pub envelope: Envelope,
+    pub outcome: MemberMatchOutcome,
+    pub request_id: String,
+    pub request_hash: String,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    pub patient_id: Option<String>,
+    pub member_identifier_system: Option<String>,
+    pub member_identifier_value: Option<String>,
+    pub identifiers_hash: Option<String>,
+    pub demographics_hash: Option<String>,
+    pub consent_policy: Option<String>,
+    pub consent_start: Option<String>,
+    pub consent_end: Option<String>,
+    pub coverage_to_link: Option<String>,
+    pub consent: Option<String>,
+    pub retry_after_s: Option<i64>,
+    pub repeated: bool,
+    pub bulk_job: Option<String>,
+    pub bulk_index: Option<i32>,
+    pub bulk_total: Option<i32>,
+}
+
+impl MemberMatchDecided {
+    pub const EVENT_TYPE: &'static str = "MemberMatchDecided";
+
+    /// A decision with every optional field empty.
+    pub fn new(envelope: Envelope, outcome: MemberMatchOutcome, request_id: String, request_hash: String) -> Self {
+        MemberMatchDecided {
+            envelope,
+            outcome,
+            request_id,
+            request_hash,
+            rule: None,
+            reason: None,
+            patient_id: None,
+            member_identifier_system: None,
+            member_identifier_value: None,
+            identifiers_hash: None,
+            demographics_hash: None,
+            consent_policy: None,
+            consent_start: None,
+            consent_end: None,
+            coverage_to_link: None,
+            consent: None,
+            retry_after_s: None,
+            repeated: false,
+            bulk_job: None,
+            bulk_index: None,
+            bulk_total: None,
+        }
+    }
+
+    pub fn key(&self) -> String {
+        member_match_key(self.envelope.client_id.as_deref())
+    }
+}

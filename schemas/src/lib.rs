@@ -13,7 +13,8 @@ pub mod wire;
 
 pub use events::{
     AttachTo, AttachmentContent, AttachmentEvent, AttachmentEventKind, AuditOutcome, AuditRecorded, Blob, ChangeAction,
-    Envelope, Identifier, ResourceChange, ResourceChanged, SubmittedAttachment, WriteMode,
+    Envelope, Identifier, MemberMatchDecided, MemberMatchOutcome, MemberMatchRequestKind, MemberMatchRequested,
+    ResourceChange, ResourceChanged, SubmittedAttachment, WriteMode,
 };
 pub use outcome::{IssueSeverity, IssueType, OperationOutcome};
 pub use registry::{decode_event, encode_event, Event, SchemaInfo, SCHEMAS};

@@ -41,7 +41,7 @@ impl SchemaInfo {
 
 /// Every schema version ever published, oldest first within a name. Never remove or edit an
 /// entry: add a new version with defaults for its new fields.
-pub static SCHEMAS: [SchemaInfo; 3] = [
+pub static SCHEMAS: [SchemaInfo; 5] = [
     SchemaInfo::new(
         101,
         "ResourceChanged",
@@ -56,6 +56,20 @@ pub static SCHEMAS: [SchemaInfo; 3] = [
         1,
         "attachment-event/v1.avsc",
         include_str!("../avro/attachment-event/v1.avsc"),
+    ),
+    SchemaInfo::new(
+        401,
+        "MemberMatchRequested",
+        1,
+        "member-match-request/v1.avsc",
+        include_str!("../avro/member-match-request/v1.avsc"),
+    ),
+    SchemaInfo::new(
+        501,
+        "MemberMatchDecided",
+        1,
+        "member-match-decision/v1.avsc",
+        include_str!("../avro/member-match-decision/v1.avsc"),
     ),
 ];
 
@@ -106,6 +120,14 @@ impl Event for crate::events::AuditRecorded {
 
 impl Event for crate::events::AttachmentEvent {
     const NAME: &'static str = crate::events::AttachmentEvent::EVENT_TYPE;
+}
+
+impl Event for crate::events::MemberMatchRequested {
+    const NAME: &'static str = crate::events::MemberMatchRequested::EVENT_TYPE;
+}
+
+impl Event for crate::events::MemberMatchDecided {
+    const NAME: &'static str = crate::events::MemberMatchDecided::EVENT_TYPE;
 }
 
 /// Encodes with the newest schema of `E`, framed the Confluent way.
@@ -361,6 +383,56 @@ mod tests {
             let bytes = encode_event(&ev).expect("encode");
             assert_eq!(decode_event::<AttachmentEvent>(&bytes).expect("decode").kind, kind);
             assert_eq!(decode_to_json(&bytes).expect("json").2["kind"], symbol);
+        }
+    }
+
+    /// Both member-match contracts survive the trip with every field set, and every outcome
+    /// symbol is in the `.avsc` in the enum's order.
+    #[test]
+    fn member_match_round_trip() {
+        let mut req = MemberMatchRequested::new(
+            Envelope::new("MemberMatchRequested", 1, "c".into(), Some("payer-b".into())),
+            MemberMatchRequestKind::BulkMember,
+            "ab12".into(),
+        );
+        req.member_patient = Some(r#"{"resourceType":"Patient"}"#.into());
+        req.coverage_to_match = Some("{}".into());
+        req.coverage_to_link = Some("{}".into());
+        req.consent = Some("{}".into());
+        req.problem = Some("p".into());
+        req.bulk_job = Some("job".into());
+        req.bulk_index = Some(7);
+        req.bulk_total = Some(9);
+        req.requester = Some("[]".into());
+        let bytes = encode_event(&req).expect("encode");
+        assert_eq!(decode_event::<MemberMatchRequested>(&bytes).expect("decode"), req);
+        assert_eq!(req.key(), "client/payer-b");
+
+        for outcome in [
+            MemberMatchOutcome::Matched,
+            MemberMatchOutcome::NoMatch,
+            MemberMatchOutcome::MultipleMatches,
+            MemberMatchOutcome::ConsentRefused,
+            MemberMatchOutcome::Throttled,
+            MemberMatchOutcome::Invalid,
+            MemberMatchOutcome::BulkCompleted,
+        ] {
+            let mut d = MemberMatchDecided::new(
+                Envelope::new("MemberMatchDecided", 1, "c".into(), None),
+                outcome,
+                "r".into(),
+                "h".into(),
+            );
+            d.rule = Some("identifier".into());
+            d.patient_id = Some("p1".into());
+            d.retry_after_s = Some(30);
+            d.repeated = true;
+            d.bulk_index = Some(3);
+            let bytes = encode_event(&d).expect("encode");
+            assert_eq!(decode_event::<MemberMatchDecided>(&bytes).expect("decode"), d);
+            let (_, _, json) = decode_to_json(&bytes).expect("json");
+            assert_eq!(json["outcome"], outcome.as_str());
+            assert_eq!(MemberMatchOutcome::parse(outcome.as_str()), Some(outcome));
         }
     }
 

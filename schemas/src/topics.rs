@@ -20,6 +20,15 @@ pub const ATTACHMENTS: &str = "attachments";
 /// Dead letters of the attachment-link projection.
 pub const ATTACHMENTS_DLQ: &str = "attachments.dlq";
 
+/// `$member-match` and `$bulk-member-match` requests (`MemberMatchRequested`), with the
+/// requester's demographics (PHI). Key: `client/{client_id}`.
+pub const MEMBER_MATCH_REQUESTS: &str = "member-match.requests";
+/// Member-match decisions (`MemberMatchDecided`): outcome, rule, hashed inputs, and for matches
+/// the CoverageToLink and Consent later data requests are judged by. Key: `client/{client_id}`.
+pub const MEMBER_MATCH_DECISIONS: &str = "member-match.decisions";
+/// Dead letters of the member-match projection (undecodable requests).
+pub const MEMBER_MATCH_DLQ: &str = "member-match.requests.dlq";
+
 /// Every topic payerx creates at start-up, with its value schema name (DLQs carry the value of
 /// their input topic).
 pub const ALL: &[(&str, &str)] = &[
@@ -29,6 +38,9 @@ pub const ALL: &[(&str, &str)] = &[
     (AUDIT, "AuditRecorded"),
     (ATTACHMENTS, "AttachmentEvent"),
     (ATTACHMENTS_DLQ, "AttachmentEvent"),
+    (MEMBER_MATCH_REQUESTS, "MemberMatchRequested"),
+    (MEMBER_MATCH_DECISIONS, "MemberMatchDecided"),
+    (MEMBER_MATCH_DLQ, "MemberMatchRequested"),
 ];
 
 /// Header names used on every record. Values are UTF-8.
