@@ -13,8 +13,13 @@
 //!
 //! Exactly one candidate is a match; none or several are refusals (HRex: at most one match).
 
+use std::fmt::Write as _;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
+use unicode_normalization::char::is_combining_mark;
+use unicode_normalization::UnicodeNormalization;
 
 /// An identifier as the index keys it: system (may be absent) and value, both as given.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -136,56 +141,542 @@ pub const POLICY_REGULAR: &str = "http://hl7.org/fhir/us/davinci-hrex/StructureD
 pub const POLICY_SENSITIVE: &str =
     "http://hl7.org/fhir/us/davinci-hrex/StructureDefinition-hrex-consent.html#sensitive";
 
+/// The parameter (or `part`) names `$member-match` reads, with the older names the seed page uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    MemberPatient,
+    CoverageToMatch,
+    CoverageToLink,
+    Consent,
+}
+
+impl Slot {
+    fn from_name(name: &str) -> Option<Slot> {
+        match name {
+            "MemberPatient" => Some(Slot::MemberPatient),
+            "CoverageToMatch" | "OldCoverage" => Some(Slot::CoverageToMatch),
+            "CoverageToLink" | "NewCoverage" => Some(Slot::CoverageToLink),
+            "Consent" => Some(Slot::Consent),
+            _ => None,
+        }
+    }
+
+    fn resource_type(self) -> &'static str {
+        match self {
+            Slot::MemberPatient => "Patient",
+            Slot::CoverageToMatch | Slot::CoverageToLink => "Coverage",
+            Slot::Consent => "Consent",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Slot::MemberPatient => 0,
+            Slot::CoverageToMatch => 1,
+            Slot::CoverageToLink => 2,
+            Slot::Consent => 3,
+        }
+    }
+}
+
+fn bad_request(message: String, expression: String) -> RequestProblem {
+    RequestProblem { status: 400, message, expression }
+}
+
+fn unprocessable(message: String, expression: String) -> RequestProblem {
+    RequestProblem { status: 422, message, expression }
+}
+
 /// Reads a `$member-match` Parameters (HRex names, and the older `OldCoverage`/`NewCoverage`).
 pub fn parse_request(params: &Value) -> Result<MatchRequest, RequestProblem> {
-    let _ = params;
-    todo!()
+    match params.get("resourceType").and_then(Value::as_str) {
+        Some("Parameters") => {}
+        Some(other) => {
+            return Err(bad_request(
+                format!("$member-match takes a Parameters resource, not a {other}"),
+                "Parameters".into(),
+            ))
+        }
+        None => {
+            return Err(bad_request(
+                "$member-match takes a Parameters resource; the body has no resourceType".into(),
+                "Parameters".into(),
+            ))
+        }
+    }
+    let entries = match params.get("parameter") {
+        None => &[][..],
+        Some(Value::Array(entries)) => entries.as_slice(),
+        Some(_) => {
+            return Err(bad_request("Parameters.parameter must be an array".into(), "Parameters.parameter".into()))
+        }
+    };
+    read_inputs(entries, "Parameters.parameter", false)
 }
 
 /// Reads one `MemberBundle` parameter of `$bulk-member-match` (its `part`s).
 pub fn parse_member_bundle(param: &Value, at: &str) -> Result<MatchRequest, RequestProblem> {
-    let _ = (param, at);
-    todo!()
+    if let Some(name) = param.get("name") {
+        if name.as_str() != Some("MemberBundle") {
+            return Err(bad_request(format!("expected a MemberBundle parameter, found {name}"), at.to_string()));
+        }
+    }
+    match param.get("part") {
+        Some(Value::Array(parts)) => read_inputs(parts, &format!("{at}.part"), true),
+        Some(_) => Err(bad_request(format!("{at}.part must be an array"), format!("{at}.part"))),
+        None => Err(bad_request(
+            "MemberBundle has no parts; it must carry MemberPatient, CoverageToMatch and Consent".into(),
+            at.to_string(),
+        )),
+    }
+}
+
+/// One input found in the list: its position, the name it was given under, its resource.
+type Found<'a> = (usize, &'a str, &'a Value);
+
+/// Reads the inputs from a `parameter` (or `part`) list whose FHIRPath is `list`.
+fn read_inputs(entries: &[Value], list: &str, consent_required: bool) -> Result<MatchRequest, RequestProblem> {
+    let mut found: [Option<Found<'_>>; 4] = [None; 4];
+    for (i, entry) in entries.iter().enumerate() {
+        let here = format!("{list}[{i}]");
+        let Some(name) = entry.get("name").and_then(Value::as_str) else {
+            return Err(bad_request(format!("{here} has no name"), here));
+        };
+        let Some(slot) = Slot::from_name(name) else {
+            return Err(bad_request(
+                format!(
+                    "unknown parameter '{name}': $member-match takes MemberPatient, CoverageToMatch, \
+                     CoverageToLink and Consent"
+                ),
+                here,
+            ));
+        };
+        let expected = slot.resource_type();
+        let resource = match entry.get("resource") {
+            Some(resource @ Value::Object(_)) => resource,
+            _ => return Err(bad_request(format!("parameter {name} must carry a {expected} in its resource"), here)),
+        };
+        match resource.get("resourceType").and_then(Value::as_str) {
+            Some(rt) if rt == expected => {}
+            Some(rt) => return Err(bad_request(format!("parameter {name} must be a {expected}, not a {rt}"), here)),
+            None => {
+                return Err(bad_request(
+                    format!("parameter {name} has a resource without resourceType; it must be a {expected}"),
+                    here,
+                ))
+            }
+        }
+        if let Some((j, first, _)) = found[slot.index()] {
+            let message = if first == name {
+                format!("parameter {name} appears more than once (also at {list}[{j}])")
+            } else {
+                format!(
+                    "parameter {name} duplicates {first} at {list}[{j}] (OldCoverage and NewCoverage \
+                     are the older names of CoverageToMatch and CoverageToLink)"
+                )
+            };
+            return Err(bad_request(message, here));
+        }
+        found[slot.index()] = Some((i, name, resource));
+    }
+
+    let [member_patient, coverage_to_match, coverage_to_link, consent] = found;
+    let Some(member_patient) = member_patient else {
+        return Err(bad_request("missing parameter MemberPatient (the member's Patient)".into(), list.to_string()));
+    };
+    let Some(coverage_to_match) = coverage_to_match else {
+        return Err(bad_request(
+            "missing parameter CoverageToMatch (the Coverage to match, formerly OldCoverage)".into(),
+            list.to_string(),
+        ));
+    };
+    if consent_required && consent.is_none() {
+        return Err(bad_request("missing parameter Consent (a MemberBundle requires one)".into(), list.to_string()));
+    }
+
+    let member_id = member_patient.2.get("id").and_then(Value::as_str).filter(|id| !id.is_empty());
+    let mut references = vec![(coverage_to_match, "beneficiary")];
+    references.extend(coverage_to_link.map(|found| (found, "beneficiary")));
+    references.extend(consent.map(|found| (found, "patient")));
+    for ((i, name, resource), element) in references {
+        let at = format!("{list}[{i}].resource.{element}");
+        check_points_at_member(resource, element, name, at, member_id)?;
+    }
+
+    Ok(MatchRequest {
+        member_patient: member_patient.2.clone(),
+        coverage_to_match: coverage_to_match.2.clone(),
+        coverage_to_link: coverage_to_link.map(|found| found.2.clone()),
+        consent: consent.map(|found| found.2.clone()),
+    })
+}
+
+/// 422 unless `resource.element` is a local reference to the MemberPatient (`member_id`).
+fn check_points_at_member(
+    resource: &Value,
+    element: &str,
+    param: &str,
+    at: String,
+    member_id: Option<&str>,
+) -> Result<(), RequestProblem> {
+    let reference = resource.get(element).and_then(|r| r.get("reference")).and_then(Value::as_str);
+    match (reference, member_id) {
+        (None, _) if resource.get(element).is_none() => {
+            Err(unprocessable(format!("{param}.{element} is missing; it must reference the MemberPatient"), at))
+        }
+        (None, _) => Err(unprocessable(
+            format!(
+                "{param}.{element} has no literal reference; it must reference the MemberPatient \
+                 (Patient/{{id}}) within the request"
+            ),
+            at,
+        )),
+        (Some(reference), None) => Err(unprocessable(
+            format!(
+                "{param}.{element} is '{reference}', but the MemberPatient has no id, so nothing can \
+                 reference it; give MemberPatient an id and reference it as Patient/{{id}}"
+            ),
+            at,
+        )),
+        (Some(reference), Some(id)) if local_patient_id(reference) == Some(id) => Ok(()),
+        (Some(reference), Some(id)) => Err(unprocessable(
+            format!(
+                "{param}.{element} must reference the MemberPatient as Patient/{id} (references are \
+                 local to the request); found '{reference}'"
+            ),
+            at,
+        )),
+    }
+}
+
+/// The Patient id of a local reference: `Patient/{id}` or a bare `{id}`, without any
+/// `/_history/{vid}` suffix. `None` for absolute URLs, contained (`#`) and other types.
+fn local_patient_id(reference: &str) -> Option<&str> {
+    let rest = reference.strip_prefix("Patient/").unwrap_or(reference);
+    let id = rest.split_once("/_history/").map_or(rest, |(id, _)| id);
+    (!id.is_empty() && !id.contains(['/', ':', '#'])).then_some(id)
 }
 
 /// Normalizes a name part for comparison.
 pub fn normalize_name(s: &str) -> String {
-    let _ = s;
-    todo!()
+    s.nfd()
+        .filter(|c| !is_combining_mark(*c))
+        .flat_map(char::to_lowercase)
+        .filter(|c| c.is_alphanumeric() && !is_combining_mark(*c))
+        .collect()
+}
+
+/// Separators between given-name tokens: whitespace and hyphens.
+fn is_given_separator(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '-' | '\u{2010}' | '\u{2011}')
+}
+
+fn array<'a>(value: &'a Value, key: &str) -> &'a [Value] {
+    value.get(key).and_then(Value::as_array).map_or(&[], Vec::as_slice)
+}
+
+fn text<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+    value.get(key).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn push_unique<T: PartialEq>(list: &mut Vec<T>, item: T) {
+    if !list.contains(&item) {
+        list.push(item);
+    }
+}
+
+/// An Identifier as an index key (`None` without a value).
+fn id_key(identifier: &Value) -> Option<IdKey> {
+    let value = identifier.get("value").and_then(Value::as_str).filter(|v| !v.trim().is_empty())?;
+    let system = identifier.get("system").and_then(Value::as_str).filter(|s| !s.is_empty());
+    Some(IdKey { system: system.map(str::to_string), value: value.to_string() })
+}
+
+/// The contained resource a `#id` reference names, when it is of `resource_type`.
+fn contained<'a>(resource: &'a Value, reference: &str, resource_type: &str) -> Option<&'a Value> {
+    let id = reference.strip_prefix('#')?;
+    array(resource, "contained").iter().find(|c| {
+        c.get("id").and_then(Value::as_str) == Some(id)
+            && c.get("resourceType").and_then(Value::as_str) == Some(resource_type)
+    })
+}
+
+/// A telecom value normalized: phones to their last 10 digits, emails lowercased.
+fn normalize_telecom(contact: &Value) -> Option<String> {
+    let value = text(contact, "value")?;
+    let system = contact.get("system").and_then(Value::as_str);
+    let email = system == Some("email") || (system.is_none() && value.contains('@'));
+    if email {
+        return Some(value.to_lowercase());
+    }
+    if !matches!(system, None | Some("phone") | Some("sms")) {
+        return None;
+    }
+    let digits: Vec<char> = value.chars().filter(char::is_ascii_digit).collect();
+    let keep = digits.len().saturating_sub(10);
+    let phone: String = digits[keep..].iter().collect();
+    (!phone.is_empty()).then_some(phone)
+}
+
+/// A Patient reduced to a record whether or not it has an id (`patient_id` empty then).
+fn record_of(patient: &Value) -> MemberRecord {
+    let mut record = MemberRecord {
+        patient_id: patient.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
+        ..MemberRecord::default()
+    };
+    for name in array(patient, "name") {
+        if let Some(family) = name.get("family").and_then(Value::as_str) {
+            let family = normalize_name(family);
+            if !family.is_empty() {
+                push_unique(&mut record.families, family);
+            }
+        }
+        for given in array(name, "given").iter().filter_map(Value::as_str) {
+            for token in given.split(is_given_separator) {
+                let token = normalize_name(token);
+                if !token.is_empty() {
+                    push_unique(&mut record.given, token);
+                }
+            }
+        }
+    }
+    record.birth_date = text(patient, "birthDate").map(str::to_string);
+    record.gender = text(patient, "gender").map(str::to_lowercase);
+    for address in array(patient, "address") {
+        if let Some(code) = text(address, "postalCode") {
+            push_unique(&mut record.postal_codes, code.chars().take(5).collect());
+        }
+    }
+    for contact in array(patient, "telecom") {
+        if let Some(value) = normalize_telecom(contact) {
+            push_unique(&mut record.telecoms, value);
+        }
+    }
+    for identifier in array(patient, "identifier").iter().filter_map(id_key) {
+        push_unique(&mut record.identifiers, identifier);
+    }
+    record.member_identifier = member_identifier(patient);
+    record
 }
 
 /// The index entry of a stored Patient (`None` when it has no id).
 pub fn member_from_patient(patient: &Value) -> Option<MemberRecord> {
-    let _ = patient;
-    todo!()
+    if patient.get("resourceType").is_some_and(|rt| rt != "Patient") {
+        return None;
+    }
+    let record = record_of(patient);
+    (!record.patient_id.is_empty()).then_some(record)
 }
 
 /// The index entry of a stored Coverage.
 pub fn coverage_from(coverage: &Value) -> Option<CoverageRecord> {
-    let _ = coverage;
-    todo!()
+    if coverage.get("resourceType").is_some_and(|rt| rt != "Coverage") {
+        return None;
+    }
+    let coverage_id = coverage.get("id").and_then(Value::as_str).filter(|id| !id.is_empty())?;
+    let beneficiary = coverage
+        .get("beneficiary")
+        .and_then(|b| b.get("reference"))
+        .and_then(Value::as_str)
+        .filter(|r| r.starts_with("Patient/"))
+        .and_then(local_patient_id)
+        .map(str::to_string);
+    let mut identifiers = Vec::new();
+    for identifier in array(coverage, "identifier").iter().filter_map(id_key) {
+        push_unique(&mut identifiers, identifier);
+    }
+    let mut payors = Vec::new();
+    for payor in array(coverage, "payor") {
+        if let Some(reference) = payor.get("reference").and_then(Value::as_str) {
+            match contained(coverage, reference, "Organization") {
+                Some(org) => {
+                    for key in array(org, "identifier").iter().filter_map(id_key) {
+                        push_unique(&mut payors, key.value);
+                    }
+                }
+                None if !reference.starts_with('#') => push_unique(&mut payors, reference.to_string()),
+                None => {}
+            }
+        }
+        if let Some(key) = payor.get("identifier").and_then(id_key) {
+            push_unique(&mut payors, key.value);
+        }
+    }
+    let period = coverage.get("period").unwrap_or(&Value::Null);
+    Some(CoverageRecord {
+        coverage_id: coverage_id.to_string(),
+        beneficiary,
+        subscriber_id: text(coverage, "subscriberId").map(str::to_string),
+        identifiers,
+        payors,
+        period_start: text(period, "start").map(str::to_string),
+        period_end: text(period, "end").map(str::to_string),
+        status: text(coverage, "status").map(str::to_string),
+    })
+}
+
+/// Whether some `coding` of the CodeableConcept at `value.key` has `code`.
+fn has_code(value: &Value, key: &str, code: &str) -> bool {
+    value
+        .get(key)
+        .map(|concept| array(concept, "coding").iter().any(|c| c.get("code").and_then(Value::as_str) == Some(code)))
+        .unwrap_or(false)
 }
 
 /// The identifier returned as `MemberIdentifier`: the Patient's MB (member number) identifier,
 /// else MC, else MR, else its first identifier with a value.
 pub fn member_identifier(patient: &Value) -> Option<IdKey> {
-    let _ = patient;
-    todo!()
+    let identifiers = array(patient, "identifier");
+    for code in ["MB", "MC", "MR"] {
+        let typed = identifiers.iter().filter(|i| has_code(i, "type", code)).find_map(id_key);
+        if typed.is_some() {
+            return typed;
+        }
+    }
+    // Another payer's member id (HRex UMB) recorded on the Patient is not ours to return.
+    identifiers.iter().filter(|i| !has_code(i, "type", "UMB")).find_map(id_key)
 }
 
 /// What to look up for a request.
 pub fn probe(req: &MatchRequest) -> Probe {
-    let _ = req;
-    todo!()
+    let member = record_of(&req.member_patient);
+    let mut identifiers = member.identifiers.clone();
+    for identifier in array(&req.coverage_to_match, "identifier").iter().filter_map(id_key) {
+        push_unique(&mut identifiers, identifier);
+    }
+    if let Some(subscriber) = req.coverage_to_match.get("subscriberId").and_then(Value::as_str) {
+        if !subscriber.trim().is_empty() {
+            push_unique(&mut identifiers, IdKey { system: None, value: subscriber.to_string() });
+        }
+    }
+    Probe { identifiers, member }
 }
+
+/// The candidates without repeats of a patient (first kept).
+fn distinct(candidates: &[MemberRecord]) -> Vec<&MemberRecord> {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut out = Vec::new();
+    for candidate in candidates {
+        if !seen.contains(&candidate.patient_id.as_str()) {
+            seen.push(&candidate.patient_id);
+            out.push(candidate);
+        }
+    }
+    out
+}
+
+/// Whether a candidate's demographics agree with the request's. `birth_date_required`: the
+/// request must carry a birth date and the candidate the same one (demographics rule); otherwise
+/// birth dates must be equal only when both sides have one (identifier rule).
+fn demographics_agree(request: &MemberRecord, candidate: &MemberRecord, birth_date_required: bool) -> bool {
+    let birth_date = match (&request.birth_date, &candidate.birth_date) {
+        (Some(a), Some(b)) => a == b,
+        _ => !birth_date_required,
+    };
+    let family = request.families.iter().any(|f| candidate.families.contains(f));
+    let given = match (request.given.first(), candidate.given.first()) {
+        (Some(r), Some(c)) => candidate.given.contains(r) || request.given.contains(c),
+        _ => false,
+    };
+    let gender = match (request.gender.as_deref(), candidate.gender.as_deref()) {
+        (Some(a), Some(b)) if a != "unknown" && b != "unknown" => a == b,
+        _ => true,
+    };
+    birth_date && family && given && gender
+}
+
+fn verdict(candidates: &[&MemberRecord], rule: Rule, none: &str) -> Verdict {
+    match candidates {
+        [] => Verdict::NoMatch { reason: none.to_string() },
+        [one] => Verdict::Matched { patient_id: one.patient_id.clone(), rule },
+        several => Verdict::Multiple { rule, count: several.len() },
+    }
+}
+
+/// NoMatch reason when no member is found at all.
+pub const NO_MEMBER: &str = "no member with these identifiers or demographics";
+/// NoMatch reason when an identifier finds a member whose demographics differ (which field
+/// differs is deliberately not said).
+pub const DEMOGRAPHICS_DIFFER: &str =
+    "a member was found by identifier, but the MemberPatient demographics do not agree with that member's";
 
 /// Decides from the candidates the host found: `by_identifier` are the members reached through
 /// the probe's identifiers (directly or via a Coverage's beneficiary, deduplicated by patient);
 /// `by_demographics` are the members with the probe's family name and birth date (looked up only
 /// when `by_identifier` is empty).
 pub fn decide(probe: &Probe, by_identifier: &[MemberRecord], by_demographics: &[MemberRecord]) -> Verdict {
-    let _ = (probe, by_identifier, by_demographics);
-    todo!()
+    let request = &probe.member;
+    if !by_identifier.is_empty() {
+        let agreeing: Vec<&MemberRecord> =
+            distinct(by_identifier).into_iter().filter(|c| demographics_agree(request, c, false)).collect();
+        return verdict(&agreeing, Rule::Identifier, DEMOGRAPHICS_DIFFER);
+    }
+    let agreeing: Vec<&MemberRecord> =
+        distinct(by_demographics).into_iter().filter(|c| demographics_agree(request, c, true)).collect();
+    let has_contact = !request.postal_codes.is_empty() || !request.telecoms.is_empty();
+    if agreeing.len() > 1 && has_contact {
+        let narrowed: Vec<&MemberRecord> = agreeing
+            .iter()
+            .copied()
+            .filter(|c| {
+                c.postal_codes.iter().any(|p| request.postal_codes.contains(p))
+                    || c.telecoms.iter().any(|t| request.telecoms.contains(t))
+            })
+            .collect();
+        if !narrowed.is_empty() {
+            return verdict(&narrowed, Rule::Demographics, NO_MEMBER);
+        }
+    }
+    verdict(&agreeing, Rule::Demographics, NO_MEMBER)
+}
+
+fn role_is(actor: &Value, code: &str) -> bool {
+    has_code(actor, "role", code)
+}
+
+/// The organization identifiers a Consent actor names (a contained Organization via `#id`, or
+/// the reference's logical identifier).
+fn actor_identifiers(consent: &Value, actor: &Value) -> Vec<IdKey> {
+    let mut out = Vec::new();
+    let Some(reference) = actor.get("reference") else {
+        return out;
+    };
+    if let Some(org) =
+        reference.get("reference").and_then(Value::as_str).and_then(|r| contained(consent, r, "Organization"))
+    {
+        for key in array(org, "identifier").iter().filter_map(id_key) {
+            push_unique(&mut out, key);
+        }
+    }
+    if let Some(key) = reference.get("identifier").and_then(id_key) {
+        push_unique(&mut out, key);
+    }
+    out
+}
+
+fn show_ids(ids: &[IdKey]) -> String {
+    let shown: Vec<String> = ids.iter().map(|k| format!("{}|{}", k.system.as_deref().unwrap_or(""), k.value)).collect();
+    if shown.is_empty() {
+        "none".into()
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// The date part (`YYYY-MM-DD`, or less when less precise) of a date or dateTime.
+fn date_part(s: &str) -> &str {
+    let s = s.trim();
+    s.get(..10).unwrap_or(s)
+}
+
+fn looks_like_date(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    bytes.len() >= 4 && bytes[..4].iter().all(u8::is_ascii_digit)
+}
+
+/// `today` truncated to the precision of `bound`, for comparing with it.
+fn at_precision<'a>(today: &'a str, bound: &str) -> &'a str {
+    today.get(..bound.len()).unwrap_or(today)
 }
 
 /// Whether `consent` can be honoured at `today` (`YYYY-MM-DD`) for a request whose requesting
@@ -197,27 +688,168 @@ pub fn check_consent(
     policy: &ConsentPolicy,
     today: &str,
 ) -> Result<ConsentTerms, String> {
-    let _ = (consent, member_patient, requester, policy, today);
-    todo!()
+    if consent.get("resourceType").and_then(Value::as_str) != Some("Consent") {
+        return Err("the Consent parameter does not hold a Consent resource".into());
+    }
+    match consent.get("status").and_then(Value::as_str) {
+        Some("active") => {}
+        Some(status) => {
+            return Err(format!("the Consent's status is '{status}'; only an active Consent can be honoured"))
+        }
+        None => return Err("the Consent has no status; only an active Consent can be honoured".into()),
+    }
+    let member_id = member_patient.get("id").and_then(Value::as_str).filter(|id| !id.is_empty());
+    let patient = consent.get("patient").and_then(|p| p.get("reference")).and_then(Value::as_str);
+    match (patient.and_then(local_patient_id), member_id) {
+        (Some(a), Some(b)) if a == b => {}
+        _ => return Err("the Consent's patient does not reference the MemberPatient".into()),
+    }
+
+    let asked: Vec<&str> = array(consent, "policy").iter().filter_map(|p| text(p, "uri")).collect();
+    let Some(chosen) = asked.iter().find(|uri| policy.supported.iter().any(|s| s == *uri)) else {
+        let honoured =
+            if policy.supported.is_empty() { "no consent policy".to_string() } else { policy.supported.join(" or ") };
+        return Err(if asked.is_empty() {
+            format!("the Consent names no policy (Consent.policy.uri); this payer honours only {honoured}")
+        } else {
+            format!("this payer honours only {honoured}; the Consent asks for {}", asked.join(" and "))
+        });
+    };
+
+    let provision = consent.get("provision").unwrap_or(&Value::Null);
+    if let Some(kind) = provision.get("type").and_then(Value::as_str) {
+        if kind != "permit" {
+            return Err(format!("the Consent's provision.type is '{kind}'; only a permit can be honoured"));
+        }
+    }
+    let Some(period) = provision.get("period") else {
+        return Err("the Consent has no provision.period; the period it is valid for is required".into());
+    };
+    let today = date_part(today);
+    let start = text(period, "start").map(date_part);
+    let end = text(period, "end").map(date_part);
+    let (Some(start), Some(end)) = (start, end) else {
+        return Err("the Consent's provision.period needs both a start and an end".into());
+    };
+    for (bound, name) in [(start, "start"), (end, "end")] {
+        if !looks_like_date(bound) {
+            return Err(format!("the Consent's provision.period.{name} '{bound}' is not a date"));
+        }
+    }
+    if at_precision(today, start) < start {
+        return Err(format!("the Consent is not yet in force: its period starts {start}, today is {today}"));
+    }
+    if at_precision(today, end) > end {
+        return Err(format!("the Consent has expired: its period ended {end}, today is {today}"));
+    }
+
+    if requester.is_empty() {
+        return Err("the Consent's recipient cannot be verified without CoverageToLink payor identifiers \
+             (the requesting payer is unknown)"
+            .into());
+    }
+    let actors = array(provision, "actor");
+    let recipients: Vec<IdKey> =
+        actors.iter().filter(|a| role_is(a, "IRCP")).flat_map(|a| actor_identifiers(consent, a)).collect();
+    if recipients.is_empty() {
+        return Err("the Consent names no recipient organization identifier (provision.actor with role IRCP)".into());
+    }
+    if !recipients.iter().any(|r| requester.contains(r)) {
+        return Err(format!(
+            "the Consent's recipients ({}) do not include the requesting payer ({}, from CoverageToLink.payor)",
+            show_ids(&recipients),
+            show_ids(requester)
+        ));
+    }
+    if !policy.payer_identifiers.is_empty() {
+        let names_us = actors
+            .iter()
+            .filter(|a| role_is(a, "performer"))
+            .flat_map(|a| actor_identifiers(consent, a))
+            .any(|id| policy.payer_identifiers.contains(&id));
+        if !names_us {
+            return Err(format!(
+                "the Consent does not name this payer ({}) as the source of the disclosure \
+                 (provision.actor with role performer)",
+                show_ids(&policy.payer_identifiers)
+            ));
+        }
+    }
+    Ok(ConsentTerms {
+        policy: (*chosen).to_string(),
+        period_start: text(period, "start").map(str::to_string),
+        period_end: text(period, "end").map(str::to_string),
+    })
 }
 
 /// The organization identifiers of the CoverageToLink's payor(s) (contained Organizations
 /// resolved, or `payor.identifier`).
 pub fn requester_identifiers(coverage_to_link: &Value) -> Vec<IdKey> {
-    let _ = coverage_to_link;
-    todo!()
+    let mut out = Vec::new();
+    for payor in array(coverage_to_link, "payor") {
+        if let Some(org) =
+            payor.get("reference").and_then(Value::as_str).and_then(|r| contained(coverage_to_link, r, "Organization"))
+        {
+            for key in array(org, "identifier").iter().filter_map(id_key) {
+                push_unique(&mut out, key);
+            }
+        }
+        if let Some(key) = payor.get("identifier").and_then(id_key) {
+            push_unique(&mut out, key);
+        }
+    }
+    out
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().fold(String::with_capacity(64), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 /// SHA-256 hex digests of the request's identifiers and of its demographics, for the decision
 /// event (analysts can join on them without seeing PHI).
 pub fn input_hashes(probe: &Probe) -> (String, String) {
-    let _ = probe;
-    todo!()
+    let mut lines: Vec<String> = probe
+        .identifiers
+        .iter()
+        .map(|k| format!("{}|{}", k.system.as_deref().unwrap_or("").trim(), k.value.trim()))
+        .collect();
+    lines.sort();
+    lines.dedup();
+    let member = &probe.member;
+    let demographics = format!(
+        "{}|{}|{}|{}",
+        member.families.first().map_or("", String::as_str),
+        member.given.first().map_or("", String::as_str),
+        member.birth_date.as_deref().unwrap_or(""),
+        member.gender.as_deref().unwrap_or(""),
+    );
+    (sha256_hex(lines.join("\n").as_bytes()), sha256_hex(demographics.as_bytes()))
+}
+
+/// `value` with every object's keys in sorted order (whatever map the build of serde_json uses).
+fn canonical(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), canonical(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
 }
 
 /// SHA-256 hex of the request's content (canonical JSON of the four inputs), so a retried
 /// request is recognized.
 pub fn request_hash(req: &MatchRequest) -> String {
-    let _ = req;
-    todo!()
+    let mut inputs = serde_json::Map::new();
+    inputs.insert("Consent".into(), req.consent.clone().unwrap_or(Value::Null));
+    inputs.insert("CoverageToLink".into(), req.coverage_to_link.clone().unwrap_or(Value::Null));
+    inputs.insert("CoverageToMatch".into(), req.coverage_to_match.clone());
+    inputs.insert("MemberPatient".into(), req.member_patient.clone());
+    let text = serde_json::to_string(&canonical(&Value::Object(inputs))).unwrap_or_default();
+    sha256_hex(text.as_bytes())
 }
