@@ -853,3 +853,661 @@ pub fn request_hash(req: &MatchRequest) -> String {
     let text = serde_json::to_string(&canonical(&Value::Object(inputs))).unwrap_or_default();
     sha256_hex(text.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    const SEED_REQUEST: &str = include_str!("validate/testdata/seed001-member-match-request.json");
+    const NPI: &str = "http://hl7.org/fhir/sid/us-npi";
+    const OLD_PAYER_NPI: &str = "9876543210";
+    const NEW_PAYER_NPI: &str = "0123456789";
+    const TODAY: &str = "2024-06-15";
+
+    fn npi(value: &str) -> IdKey {
+        IdKey { system: Some(NPI.into()), value: value.into() }
+    }
+
+    fn patient(id: &str, family: &str, given: &[&str], birth_date: &str) -> Value {
+        json!({
+            "resourceType": "Patient",
+            "id": id,
+            "name": [{"family": family, "given": given}],
+            "gender": "female",
+            "birthDate": birth_date,
+        })
+    }
+
+    fn coverage(id: &str, beneficiary: &str, subscriber_id: &str) -> Value {
+        json!({
+            "resourceType": "Coverage",
+            "id": id,
+            "status": "active",
+            "subscriberId": subscriber_id,
+            "beneficiary": {"reference": beneficiary},
+            "payor": [{"identifier": {"system": NPI, "value": OLD_PAYER_NPI}}],
+        })
+    }
+
+    fn link_coverage(beneficiary: &str) -> Value {
+        json!({
+            "resourceType": "Coverage",
+            "id": "new",
+            "status": "active",
+            "beneficiary": {"reference": beneficiary},
+            "payor": [{"identifier": {"system": NPI, "value": NEW_PAYER_NPI}}],
+        })
+    }
+
+    fn consent(policy: &str, start: &str, end: &str, recipient: &str) -> Value {
+        json!({
+            "resourceType": "Consent",
+            "status": "active",
+            "patient": {"reference": "Patient/1"},
+            "policy": [{"uri": policy}],
+            "provision": {
+                "type": "permit",
+                "period": {"start": start, "end": end},
+                "actor": [
+                    {
+                        "role": {"coding": [{
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "performer"
+                        }]},
+                        "reference": {"identifier": {"system": NPI, "value": OLD_PAYER_NPI}}
+                    },
+                    {
+                        "role": {"coding": [{
+                            "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                            "code": "IRCP"
+                        }]},
+                        "reference": {"identifier": {"system": NPI, "value": recipient}}
+                    }
+                ]
+            }
+        })
+    }
+
+    fn params(entries: Vec<(&str, Value)>) -> Value {
+        let parameter: Vec<Value> =
+            entries.into_iter().map(|(name, resource)| json!({"name": name, "resource": resource})).collect();
+        json!({"resourceType": "Parameters", "parameter": parameter})
+    }
+
+    fn member_patient() -> Value {
+        patient("1", "Person", &["Patricia", "Ann"], "1974-12-25")
+    }
+
+    fn hrex_request() -> Value {
+        params(vec![
+            ("MemberPatient", member_patient()),
+            ("CoverageToMatch", coverage("old", "Patient/1", "SUB-1")),
+            ("CoverageToLink", link_coverage("Patient/1")),
+            ("Consent", consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", NEW_PAYER_NPI)),
+        ])
+    }
+
+    fn problem(params: &Value) -> RequestProblem {
+        parse_request(params).unwrap_err()
+    }
+
+    fn member(patient: Value) -> MemberRecord {
+        member_from_patient(&patient).unwrap()
+    }
+
+    fn request_for(member_patient: Value, subscriber_id: &str) -> MatchRequest {
+        MatchRequest {
+            member_patient,
+            coverage_to_match: coverage("old", "Patient/1", subscriber_id),
+            coverage_to_link: None,
+            consent: None,
+        }
+    }
+
+    fn probe_for(member_patient: Value) -> Probe {
+        probe(&request_for(member_patient, "SUB-1"))
+    }
+
+    fn matched(patient_id: &str, rule: Rule) -> Verdict {
+        Verdict::Matched { patient_id: patient_id.into(), rule }
+    }
+
+    // ---- parsing ----
+
+    #[test]
+    fn seed_request_parses_with_old_names() {
+        let params: Value = serde_json::from_str(SEED_REQUEST).unwrap();
+        let req = parse_request(&params).unwrap();
+        assert_eq!(req.member_patient["id"], "1");
+        assert_eq!(req.coverage_to_match["id"], "9876B1");
+        assert_eq!(req.coverage_to_link.as_ref().unwrap()["id"], "AA87654");
+        assert_eq!(req.consent, None);
+        // NewCoverage's payor is a contained Organization.
+        assert_eq!(requester_identifiers(req.coverage_to_link.as_ref().unwrap()), vec![npi(NEW_PAYER_NPI)]);
+        let probe = probe(&req);
+        let values: Vec<&str> = probe.identifiers.iter().map(|k| k.value.as_str()).collect();
+        assert_eq!(values, ["564730725596728", "DH10001235"]);
+        assert_eq!(probe.member.families, ["parker"]);
+        assert_eq!(probe.member.birth_date.as_deref(), Some("1937-07-28"));
+    }
+
+    #[test]
+    fn hrex_names_parse() {
+        let req = parse_request(&hrex_request()).unwrap();
+        assert_eq!(req.member_patient, member_patient());
+        assert_eq!(req.coverage_to_match["id"], "old");
+        assert_eq!(req.coverage_to_link.unwrap()["id"], "new");
+        assert_eq!(req.consent.unwrap()["resourceType"], "Consent");
+    }
+
+    #[test]
+    fn body_must_be_parameters() {
+        let p = problem(&member_patient());
+        assert_eq!(p.status, 400);
+        assert!(p.message.contains("Parameters") && p.message.contains("Patient"), "{}", p.message);
+    }
+
+    #[test]
+    fn missing_member_patient_is_400() {
+        let p = problem(&params(vec![("CoverageToMatch", coverage("old", "Patient/1", "SUB-1"))]));
+        assert_eq!(p.status, 400);
+        assert!(p.message.contains("MemberPatient"), "{}", p.message);
+        assert_eq!(p.expression, "Parameters.parameter");
+    }
+
+    #[test]
+    fn missing_coverage_to_match_is_400() {
+        let p = problem(&params(vec![("MemberPatient", member_patient())]));
+        assert_eq!(p.status, 400);
+        assert!(p.message.contains("CoverageToMatch"), "{}", p.message);
+    }
+
+    #[test]
+    fn coverage_under_new_and_old_name_is_a_duplicate() {
+        let p = problem(&params(vec![
+            ("MemberPatient", member_patient()),
+            ("CoverageToMatch", coverage("old", "Patient/1", "SUB-1")),
+            ("OldCoverage", coverage("old2", "Patient/1", "SUB-1")),
+        ]));
+        assert_eq!(p.status, 400);
+        assert!(p.message.contains("OldCoverage"), "{}", p.message);
+        assert_eq!(p.expression, "Parameters.parameter[2]");
+    }
+
+    #[test]
+    fn wrong_resource_type_is_400() {
+        let p = problem(&params(vec![("MemberPatient", member_patient()), ("CoverageToMatch", member_patient())]));
+        assert_eq!(p.status, 400);
+        assert!(p.message.contains("CoverageToMatch must be a Coverage"), "{}", p.message);
+        assert_eq!(p.expression, "Parameters.parameter[1]");
+    }
+
+    #[test]
+    fn unknown_parameter_is_400() {
+        let p = problem(&params(vec![
+            ("MemberPatient", member_patient()),
+            ("CoverageToMatch", coverage("old", "Patient/1", "SUB-1")),
+            ("Subscriber", member_patient()),
+        ]));
+        assert_eq!(p.status, 400);
+        assert!(p.message.contains("'Subscriber'"), "{}", p.message);
+        assert_eq!(p.expression, "Parameters.parameter[2]");
+    }
+
+    #[test]
+    fn beneficiary_naming_another_patient_is_422() {
+        let p = problem(&params(vec![
+            ("MemberPatient", member_patient()),
+            ("CoverageToMatch", coverage("old", "Patient/other", "SUB-1")),
+        ]));
+        assert_eq!(p.status, 422);
+        assert_eq!(p.expression, "Parameters.parameter[1].resource.beneficiary");
+        assert!(p.message.contains("Patient/other"), "{}", p.message);
+    }
+
+    #[test]
+    fn absolute_link_beneficiary_is_422() {
+        let p = problem(&params(vec![
+            ("MemberPatient", member_patient()),
+            ("CoverageToMatch", coverage("old", "Patient/1", "SUB-1")),
+            ("CoverageToLink", link_coverage("http://example.org/Patient/1")),
+        ]));
+        assert_eq!(p.status, 422);
+        assert_eq!(p.expression, "Parameters.parameter[2].resource.beneficiary");
+    }
+
+    #[test]
+    fn consent_patient_must_be_the_member_patient() {
+        let mut c = consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", NEW_PAYER_NPI);
+        c["patient"]["reference"] = json!("Patient/2");
+        let p = problem(&params(vec![
+            ("MemberPatient", member_patient()),
+            ("CoverageToMatch", coverage("old", "Patient/1", "SUB-1")),
+            ("NewCoverage", link_coverage("Patient/1")),
+            ("Consent", c),
+        ]));
+        assert_eq!(p.status, 422);
+        assert_eq!(p.expression, "Parameters.parameter[3].resource.patient");
+    }
+
+    #[test]
+    fn member_patient_without_id_cannot_be_referenced() {
+        let mut mp = member_patient();
+        mp.as_object_mut().unwrap().remove("id");
+        let p =
+            problem(&params(vec![("MemberPatient", mp), ("CoverageToMatch", coverage("old", "Patient/1", "SUB-1"))]));
+        assert_eq!(p.status, 422);
+        assert!(p.message.contains("no id"), "{}", p.message);
+    }
+
+    #[test]
+    fn bare_id_and_versioned_references_are_local() {
+        let ok = params(vec![
+            ("MemberPatient", member_patient()),
+            ("CoverageToMatch", coverage("old", "1", "SUB-1")),
+            ("CoverageToLink", link_coverage("Patient/1/_history/3")),
+        ]);
+        assert!(parse_request(&ok).is_ok());
+        let contained =
+            params(vec![("MemberPatient", member_patient()), ("CoverageToMatch", coverage("old", "#1", "SUB-1"))]);
+        assert_eq!(problem(&contained).status, 422);
+    }
+
+    #[test]
+    fn member_bundle_parts_parse_and_need_consent() {
+        let request = hrex_request();
+        let bundle = json!({"name": "MemberBundle", "part": request["parameter"].clone()});
+        let req = parse_member_bundle(&bundle, "Parameters.parameter[4]").unwrap();
+        assert_eq!(req.coverage_to_match["id"], "old");
+        assert!(req.consent.is_some());
+
+        let mut without_consent = bundle.clone();
+        without_consent["part"].as_array_mut().unwrap().pop();
+        let p = parse_member_bundle(&without_consent, "Parameters.parameter[4]").unwrap_err();
+        assert_eq!(p.status, 400);
+        assert!(p.message.contains("Consent"), "{}", p.message);
+        assert_eq!(p.expression, "Parameters.parameter[4].part");
+
+        let mut foreign = bundle;
+        foreign["part"][1]["resource"]["beneficiary"]["reference"] = json!("Patient/9");
+        let p = parse_member_bundle(&foreign, "Parameters.parameter[4]").unwrap_err();
+        assert_eq!(p.status, 422);
+        assert_eq!(p.expression, "Parameters.parameter[4].part[1].resource.beneficiary");
+    }
+
+    // ---- normalization and index entries ----
+
+    #[test]
+    fn names_normalize_accents_case_and_punctuation() {
+        assert_eq!(normalize_name("José"), "jose");
+        assert_eq!(normalize_name("JOSÉ"), normalize_name("jose"));
+        assert_eq!(normalize_name("O'Brien"), "obrien");
+        assert_eq!(normalize_name("Smith-Jones"), "smithjones");
+        assert_eq!(normalize_name("Smith Jones"), normalize_name("Smith-Jones"));
+        assert_eq!(normalize_name(" Núñez Jr. "), "nunezjr");
+        assert_eq!(normalize_name("Zoë"), "zoe");
+    }
+
+    #[test]
+    fn given_names_split_into_tokens() {
+        let record = member(patient("1", "Smith-Jones", &["Mary-Jane", "Lou Ellen"], "1980-01-01"));
+        assert_eq!(record.given, ["mary", "jane", "lou", "ellen"]);
+        assert_eq!(record.families, ["smithjones"]);
+    }
+
+    #[test]
+    fn hyphenated_given_matches_separate_given_names() {
+        let probe = probe_for(patient("1", "Smith Jones", &["Mary-Jane"], "1980-01-01"));
+        let candidate = member(patient("p7", "Smith-Jones", &["Mary", "Jane"], "1980-01-01"));
+        assert_eq!(decide(&probe, &[candidate], &[]), matched("p7", Rule::Identifier));
+    }
+
+    #[test]
+    fn patient_record_keeps_contacts_and_identifiers() {
+        let p = json!({
+            "resourceType": "Patient",
+            "id": "p1",
+            "name": [{"family": "Ávila", "given": ["Ana"]}],
+            "gender": "Female",
+            "birthDate": "1990-02-03",
+            "address": [{"postalCode": "90210-1234"}, {"postalCode": " 10001 "}],
+            "telecom": [
+                {"system": "phone", "value": "+1 (555) 123-4567"},
+                {"system": "email", "value": " Ana.Avila@Example.ORG "},
+                {"system": "url", "value": "https://example.org"}
+            ],
+            "identifier": [{"system": "urn:x", "value": "A1"}, {"system": "urn:y"}]
+        });
+        let record = member(p);
+        assert_eq!(record.patient_id, "p1");
+        assert_eq!(record.families, ["avila"]);
+        assert_eq!(record.gender.as_deref(), Some("female"));
+        assert_eq!(record.postal_codes, ["90210", "10001"]);
+        assert_eq!(record.telecoms, ["5551234567", "ana.avila@example.org"]);
+        assert_eq!(record.identifiers, [IdKey { system: Some("urn:x".into()), value: "A1".into() }]);
+        assert_eq!(record.member_identifier, Some(IdKey { system: Some("urn:x".into()), value: "A1".into() }));
+        assert_eq!(member_from_patient(&json!({"resourceType": "Patient"})), None);
+    }
+
+    #[test]
+    fn member_identifier_prefers_mb_then_mc_then_mr() {
+        let typed = |code: &str, value: &str| {
+            json!({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": code}]},
+                   "system": format!("urn:{code}"), "value": value})
+        };
+        let p = json!({"identifier": [json!({"system": "urn:plain", "value": "P"}), typed("MR", "R"), typed("MC", "C"), typed("MB", "B")]});
+        assert_eq!(member_identifier(&p).unwrap().value, "B");
+        let p = json!({"identifier": [typed("MR", "R"), typed("MC", "C")]});
+        assert_eq!(member_identifier(&p).unwrap().value, "C");
+        let p = json!({"identifier": [json!({"system": "urn:plain", "value": "P"}), typed("MR", "R")]});
+        assert_eq!(member_identifier(&p).unwrap().value, "R");
+        let p = json!({"identifier": [json!({"system": "urn:none"}), typed("UMB", "theirs"), json!({"value": "P"})]});
+        assert_eq!(member_identifier(&p), Some(IdKey { system: None, value: "P".into() }));
+    }
+
+    #[test]
+    fn coverage_record_reads_relative_beneficiary_only() {
+        let mut c = coverage("c1", "Patient/7/_history/3", "SUB-9");
+        c["contained"] =
+            json!([{"resourceType": "Organization", "id": "payer", "identifier": [{"system": NPI, "value": "111"}]}]);
+        c["payor"] = json!([{"reference": "#payer"}, {"reference": "Organization/acme"}]);
+        c["period"] = json!({"start": "2020-01-01"});
+        let record = coverage_from(&c).unwrap();
+        assert_eq!(record.coverage_id, "c1");
+        assert_eq!(record.beneficiary.as_deref(), Some("7"));
+        assert_eq!(record.subscriber_id.as_deref(), Some("SUB-9"));
+        assert_eq!(record.payors, ["111", "Organization/acme"]);
+        assert_eq!(record.period_start.as_deref(), Some("2020-01-01"));
+        assert_eq!(record.period_end, None);
+        assert_eq!(record.status.as_deref(), Some("active"));
+        let absolute = coverage("c2", "http://example.org/Patient/7", "SUB-9");
+        assert_eq!(coverage_from(&absolute).unwrap().beneficiary, None);
+    }
+
+    // ---- matching ----
+
+    #[test]
+    fn probe_includes_subscriber_id_without_system() {
+        let mut mp = member_patient();
+        mp["identifier"] = json!([{"system": "urn:mb", "value": "M1"}]);
+        let mut req = request_for(mp, "SUB-1");
+        req.coverage_to_match["identifier"] =
+            json!([{"system": "urn:cov", "value": "C1"}, {"system": "urn:mb", "value": "M1"}]);
+        let probe = probe(&req);
+        assert_eq!(
+            probe.identifiers,
+            [
+                IdKey { system: Some("urn:mb".into()), value: "M1".into() },
+                IdKey { system: Some("urn:cov".into()), value: "C1".into() },
+                IdKey { system: None, value: "SUB-1".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn one_member_found_by_subscriber_id_matches() {
+        let probe = probe_for(member_patient());
+        let found = member(patient("p1", "PERSON", &["Patricia"], "1974-12-25"));
+        assert_eq!(decide(&probe, &[found.clone(), found], &[]), matched("p1", Rule::Identifier));
+    }
+
+    #[test]
+    fn identifier_found_but_birth_date_differs_is_no_match() {
+        let probe = probe_for(member_patient());
+        let found = member(patient("p1", "Person", &["Patricia"], "1975-12-25"));
+        let other = member(patient("p2", "Person", &["Patricia"], "1974-12-25"));
+        let verdict = decide(&probe, &[found], &[other]);
+        let Verdict::NoMatch { reason } = verdict else { panic!("expected NoMatch, got {verdict:?}") };
+        assert_eq!(reason, DEMOGRAPHICS_DIFFER);
+        assert!(!reason.contains("birth"));
+    }
+
+    #[test]
+    fn shared_subscriber_id_matches_the_member_with_the_birth_date() {
+        let probe = probe_for(member_patient());
+        let parent = member(patient("parent", "Person", &["Patricia"], "1950-03-01"));
+        let child = member(patient("child", "Person", &["Patricia"], "1974-12-25"));
+        assert_eq!(decide(&probe, &[parent.clone(), child.clone()], &[]), matched("child", Rule::Identifier));
+        assert_eq!(decide(&probe, &[child, parent], &[]), matched("child", Rule::Identifier));
+    }
+
+    #[test]
+    fn twins_are_told_apart_by_given_name() {
+        let ann = member(patient("ann", "Person", &["Ann"], "2001-05-05"));
+        let beth = member(patient("beth", "Person", &["Beth"], "2001-05-05"));
+        let twins = [ann, beth];
+        let ask = |given: &str| decide(&probe_for(patient("1", "Person", &[given], "2001-05-05")), &twins, &[]);
+        assert_eq!(ask("Ann"), matched("ann", Rule::Identifier));
+        assert_eq!(ask("Beth"), matched("beth", Rule::Identifier));
+        assert!(matches!(ask("Cara"), Verdict::NoMatch { .. }));
+    }
+
+    #[test]
+    fn two_members_with_the_same_demographics_are_multiple() {
+        let probe = probe_for(member_patient());
+        let a = member(patient("a", "Person", &["Patricia"], "1974-12-25"));
+        let b = member(patient("b", "Person", &["Patricia", "Ann"], "1974-12-25"));
+        assert_eq!(
+            decide(&probe, &[], &[a.clone(), b.clone()]),
+            Verdict::Multiple { rule: Rule::Demographics, count: 2 }
+        );
+        assert_eq!(decide(&probe, &[a.clone(), b], &[]), Verdict::Multiple { rule: Rule::Identifier, count: 2 });
+        assert_eq!(decide(&probe, &[], &[a.clone(), a]), matched("a", Rule::Demographics));
+    }
+
+    #[test]
+    fn demographic_matches_are_narrowed_by_postal_code() {
+        let mut mp = member_patient();
+        mp["address"] = json!([{"postalCode": "90210-0001"}]);
+        let probe = probe_for(mp);
+        let mut here = patient("here", "Person", &["Patricia"], "1974-12-25");
+        here["address"] = json!([{"postalCode": "90210"}]);
+        let mut there = patient("there", "Person", &["Patricia"], "1974-12-25");
+        there["address"] = json!([{"postalCode": "10001"}]);
+        let candidates = [member(there), member(here)];
+        assert_eq!(decide(&probe, &[], &candidates), matched("here", Rule::Demographics));
+        // Without a postal code in the request there is nothing to narrow by.
+        assert_eq!(
+            decide(&probe_for(member_patient()), &[], &candidates),
+            Verdict::Multiple { rule: Rule::Demographics, count: 2 }
+        );
+    }
+
+    #[test]
+    fn demographics_need_a_birth_date_in_the_request() {
+        let mut mp = member_patient();
+        mp.as_object_mut().unwrap().remove("birthDate");
+        let candidate = member(patient("p1", "Person", &["Patricia"], "1974-12-25"));
+        assert_eq!(
+            decide(&probe_for(mp), &[], std::slice::from_ref(&candidate)),
+            Verdict::NoMatch { reason: NO_MEMBER.into() }
+        );
+        assert_eq!(decide(&probe_for(member_patient()), &[], &[candidate]), matched("p1", Rule::Demographics));
+    }
+
+    #[test]
+    fn gender_must_agree_unless_unknown() {
+        let probe = probe_for(member_patient());
+        let mut male = patient("p1", "Person", &["Patricia"], "1974-12-25");
+        male["gender"] = json!("male");
+        assert!(matches!(decide(&probe, &[member(male.clone())], &[]), Verdict::NoMatch { .. }));
+        male["gender"] = json!("unknown");
+        assert_eq!(decide(&probe, &[member(male)], &[]), matched("p1", Rule::Identifier));
+    }
+
+    #[test]
+    fn nobody_found_is_no_match() {
+        assert_eq!(decide(&probe_for(member_patient()), &[], &[]), Verdict::NoMatch { reason: NO_MEMBER.into() });
+    }
+
+    // ---- consent ----
+
+    fn payer_policy() -> ConsentPolicy {
+        ConsentPolicy { supported: vec![POLICY_REGULAR.into()], payer_identifiers: vec![npi(OLD_PAYER_NPI)] }
+    }
+
+    fn judge(consent: &Value, requester: &[IdKey]) -> Result<ConsentTerms, String> {
+        check_consent(consent, &member_patient(), requester, &payer_policy(), TODAY)
+    }
+
+    fn refusal(consent: &Value) -> String {
+        judge(consent, &[npi(NEW_PAYER_NPI)]).unwrap_err()
+    }
+
+    #[test]
+    fn consent_is_honoured() {
+        let c = consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", NEW_PAYER_NPI);
+        assert_eq!(
+            judge(&c, &[npi(NEW_PAYER_NPI)]),
+            Ok(ConsentTerms {
+                policy: POLICY_REGULAR.into(),
+                period_start: Some("2024-01-01".into()),
+                period_end: Some("2024-12-31".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn consent_period_bounds_are_inclusive_days() {
+        let c = consent(POLICY_REGULAR, "2024-06-15T09:00:00-05:00", "2024-06-15T10:00:00Z", NEW_PAYER_NPI);
+        assert!(judge(&c, &[npi(NEW_PAYER_NPI)]).is_ok());
+    }
+
+    #[test]
+    fn expired_consent_is_refused() {
+        let reason = refusal(&consent(POLICY_REGULAR, "2024-01-01", "2024-06-14", NEW_PAYER_NPI));
+        assert!(reason.contains("expired") && reason.contains("2024-06-14"), "{reason}");
+    }
+
+    #[test]
+    fn future_consent_is_refused() {
+        let reason = refusal(&consent(POLICY_REGULAR, "2024-06-16", "2025-06-16", NEW_PAYER_NPI));
+        assert!(reason.contains("not yet in force"), "{reason}");
+    }
+
+    #[test]
+    fn consent_without_period_is_refused() {
+        let mut c = consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", NEW_PAYER_NPI);
+        c["provision"].as_object_mut().unwrap().remove("period");
+        assert!(refusal(&c).contains("provision.period"));
+    }
+
+    #[test]
+    fn sensitive_policy_is_refused_when_only_regular_is_supported() {
+        let reason = refusal(&consent(POLICY_SENSITIVE, "2024-01-01", "2024-12-31", NEW_PAYER_NPI));
+        assert!(reason.contains(POLICY_REGULAR) && reason.contains(POLICY_SENSITIVE), "{reason}");
+    }
+
+    #[test]
+    fn inactive_or_deny_consent_is_refused() {
+        let mut c = consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", NEW_PAYER_NPI);
+        c["status"] = json!("inactive");
+        assert!(refusal(&c).contains("inactive"));
+        let mut c = consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", NEW_PAYER_NPI);
+        c["provision"]["type"] = json!("deny");
+        assert!(refusal(&c).contains("deny"));
+    }
+
+    #[test]
+    fn consent_for_another_recipient_is_refused() {
+        let reason = refusal(&consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", "1111111111"));
+        assert!(reason.contains("recipients") && reason.contains("1111111111"), "{reason}");
+    }
+
+    #[test]
+    fn consent_recipient_may_be_a_contained_organization() {
+        let mut c = consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", "1111111111");
+        c["contained"] = json!([{"resourceType": "Organization", "id": "new", "identifier": [{"system": NPI, "value": NEW_PAYER_NPI}]}]);
+        c["provision"]["actor"][1]["reference"] = json!({"reference": "#new"});
+        assert!(judge(&c, &[npi(NEW_PAYER_NPI)]).is_ok());
+    }
+
+    #[test]
+    fn consent_without_requester_is_refused() {
+        let c = consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", NEW_PAYER_NPI);
+        let reason = judge(&c, &[]).unwrap_err();
+        assert!(reason.contains("cannot be verified") && reason.contains("CoverageToLink"), "{reason}");
+    }
+
+    #[test]
+    fn consent_must_name_this_payer_as_source_when_configured() {
+        let c = consent(POLICY_REGULAR, "2024-01-01", "2024-12-31", NEW_PAYER_NPI);
+        let other_payer = ConsentPolicy { payer_identifiers: vec![npi("5555555555")], ..payer_policy() };
+        let reason = check_consent(&c, &member_patient(), &[npi(NEW_PAYER_NPI)], &other_payer, TODAY).unwrap_err();
+        assert!(reason.contains("performer"), "{reason}");
+    }
+
+    #[test]
+    fn requester_comes_from_link_payor() {
+        let mut link = link_coverage("Patient/1");
+        link["contained"] =
+            json!([{"resourceType": "Organization", "id": "p", "identifier": [{"system": NPI, "value": "222"}]}]);
+        link["payor"] = json!([{"reference": "#p"}, {"identifier": {"system": NPI, "value": NEW_PAYER_NPI}}]);
+        assert_eq!(requester_identifiers(&link), [npi("222"), npi(NEW_PAYER_NPI)]);
+    }
+
+    // ---- hashes ----
+
+    #[test]
+    fn request_hash_ignores_key_order() {
+        let a: Value = serde_json::from_str(
+            r#"{"resourceType":"Patient","id":"1","name":[{"family":"Person","given":["Ann"]}],"birthDate":"1974-12-25"}"#,
+        )
+        .unwrap();
+        let b: Value = serde_json::from_str(
+            r#"{"birthDate":"1974-12-25","name":[{"given":["Ann"],"family":"Person"}],"id":"1","resourceType":"Patient"}"#,
+        )
+        .unwrap();
+        let hash = |p: Value| request_hash(&request_for(p, "SUB-1"));
+        assert_eq!(hash(a.clone()), hash(b));
+        assert_eq!(hash(a.clone()).len(), 64);
+        let mut changed = a.clone();
+        changed["birthDate"] = json!("1974-12-26");
+        assert_ne!(hash(a), hash(changed));
+    }
+
+    #[test]
+    fn request_hash_sees_every_input() {
+        let base = parse_request(&hrex_request()).unwrap();
+        let mut without_consent = base.clone();
+        without_consent.consent = None;
+        let mut other_link = base.clone();
+        other_link.coverage_to_link.as_mut().unwrap()["id"] = json!("new2");
+        let mut other_match = base.clone();
+        other_match.coverage_to_match["subscriberId"] = json!("SUB-2");
+        let hashes = [&base, &without_consent, &other_link, &other_match].map(request_hash);
+        for (i, a) in hashes.iter().enumerate() {
+            for b in &hashes[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn old_and_new_names_hash_alike() {
+        let params: Value = serde_json::from_str(SEED_REQUEST).unwrap();
+        let mut renamed = params.clone();
+        renamed["parameter"][1]["name"] = json!("CoverageToMatch");
+        renamed["parameter"][2]["name"] = json!("CoverageToLink");
+        assert_eq!(request_hash(&parse_request(&params).unwrap()), request_hash(&parse_request(&renamed).unwrap()));
+    }
+
+    #[test]
+    fn input_hashes_hide_values_and_ignore_order() {
+        let mut p1 = probe_for(member_patient());
+        let (ids, demo) = input_hashes(&p1);
+        assert_eq!(ids.len(), 64);
+        assert!(ids.chars().all(|c| c.is_ascii_hexdigit()));
+        p1.identifiers.insert(0, IdKey { system: Some("urn:a".into()), value: "Z".into() });
+        let (ids_more, _) = input_hashes(&p1);
+        assert_ne!(ids, ids_more);
+        p1.identifiers.rotate_left(1);
+        assert_eq!(input_hashes(&p1).0, ids_more);
+        p1.member.birth_date = Some("1974-12-26".into());
+        assert_ne!(input_hashes(&p1).1, demo);
+    }
+}
