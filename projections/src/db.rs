@@ -72,6 +72,17 @@ impl Db {
 }
 
 impl Db {
+    /// A transaction that will write. On SQLite it takes the write lock up front (`BEGIN
+    /// IMMEDIATE`): a deferred transaction that read first fails at its first write with
+    /// "database is locked" whenever another writer committed in between (busy_timeout does not
+    /// apply to that case), and several projections write the same file.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
     /// Runs one idempotent DDL statement (`CREATE … IF NOT EXISTS`), tolerating another process
     /// running the same statement at that moment: PostgreSQL's `IF NOT EXISTS` loses that race
     /// with a catalog unique violation (SQLSTATE 23505, 42P07, or 42710 for the table's row type)

@@ -220,7 +220,7 @@ impl ProjectionWorker {
             if batch.is_empty() {
                 continue;
             }
-            let mut tx = self.db.pool.begin().await?;
+            let mut tx = self.db.begin_write().await?;
             if pinned.is_none() {
                 // Checked inside the transaction, so a swap committed by a replay is never missed.
                 let active: i64 = sqlx::query("SELECT active FROM view_generations WHERE projection = $1")
