@@ -11,7 +11,7 @@ use ingest::{AppState, IngestConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use processors::{CasesProcessor, ValidateProcessor};
 use projections::resources::ResourceProjection;
-use projections::{LinkProjection, ProjectionWorker, ResourceStore, WriteNotifier};
+use projections::{LinkProjection, MemberMatchProjection, ProjectionWorker, ResourceStore, WriteNotifier};
 use runtime::processor::RunOptions;
 use runtime::Log;
 use tokio::task::JoinHandle;
@@ -44,6 +44,8 @@ pub struct App {
     pub store: Option<Arc<ResourceStore>>,
     /// The CDex link view (with the views).
     pub links: Option<projections::LinkStore>,
+    /// Member-match state: decisions, member links, bulk jobs (with the views).
+    pub matches: Option<projections::MemberMatchStore>,
     /// The attachment blob store (ingest and processors roles).
     pub blobs: Option<blobs::BlobStore>,
     pub topic_prefix: String,
@@ -101,6 +103,15 @@ impl App {
             };
             let stop = shutdown.clone();
             tasks.push(("attachment-link-projection", tokio::spawn(async move { Ok(links.run(stop).await?) })));
+            let matcher = ProjectionWorker {
+                db: db.clone(),
+                log: log.clone(),
+                projection: Arc::new(MemberMatchProjection::new(&prefix, args.member_match.processor_config())),
+                notifier: None,
+                max_batch: 500,
+            };
+            let stop = shutdown.clone();
+            tasks.push(("member-match", tokio::spawn(async move { Ok(matcher.run(stop).await?) })));
         }
         let ready = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(OpsState {
@@ -130,6 +141,9 @@ impl App {
             addr = Some(bound);
             let base_url = args.base_url.clone().unwrap_or_else(|| format!("http://{bound}"));
             let (audit, audit_task) = AuditLog::start(log.clone(), &prefix);
+            let (replies, replies_task) =
+                ingest::member_match::MatchReplies::start(log.clone(), &prefix, shutdown.clone());
+            tasks.push(("member-match-replies", tokio::spawn(async move { Ok(replies_task.await??) })));
             let auth = if args.insecure_no_auth {
                 tracing::warn!(
                     "!!! --insecure-no-auth: the FHIR API at {base_url}/fhir accepts every request WITHOUT a token. \
@@ -150,12 +164,17 @@ impl App {
                 links: projections::LinkStore::new(db.clone()),
                 blobs: blob_store.clone().context("the ingest role opens the blob store")?,
                 notifier,
+                replies,
+                matches: projections::MemberMatchStore::new(db.clone()),
                 config: IngestConfig {
                     topic_prefix: prefix.clone(),
                     write_wait: args.write_wait(),
                     max_body_bytes: args.max_body_bytes,
                     max_attachment_request_bytes: args.max_attachment_request_bytes,
                     base_url: Some(base_url),
+                    member_match_deadline: std::time::Duration::from_millis(args.member_match.deadline_ms),
+                    max_bulk_member_match_bytes: args.member_match.max_bulk_bytes,
+                    consent_policies: args.member_match.policy_uris(),
                 },
                 ops: ops.clone(),
                 audit,
@@ -192,12 +211,14 @@ impl App {
         ready.store(true, Ordering::Release);
         tracing::info!(?addr, log = log.backend(), views = ?db.as_ref().map(|d| d.backend), roles = ?args.roles, "payerx started");
         let links = db.as_ref().map(|db| projections::LinkStore::new(db.clone()));
+        let matches = db.as_ref().map(|db| projections::MemberMatchStore::new(db.clone()));
         Ok(App {
             addr,
             admin_addr,
             log,
             store,
             links,
+            matches,
             blobs: blob_store,
             topic_prefix: prefix,
             auth: auth_server,

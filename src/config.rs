@@ -118,6 +118,111 @@ pub struct ServeArgs {
     pub refresh_token_ttl: u64,
     #[command(flatten)]
     pub fetch: FetchArgs,
+    #[command(flatten)]
+    pub member_match: MemberMatchArgs,
+}
+
+/// Da Vinci `$member-match` and `$bulk-member-match`.
+#[derive(Debug, Clone, Args)]
+pub struct MemberMatchArgs {
+    /// How long `$member-match` awaits the processor's decision before answering 503 with
+    /// Retry-After (ingest role).
+    #[arg(long = "member-match-deadline-ms", env = "PAYERX_MEMBER_MATCH_DEADLINE_MS", default_value_t = 5000)]
+    pub deadline_ms: u64,
+    /// Failed matches (no match, several matches) one client may make within the window before
+    /// its requests are refused with 429 (HRex brute-force defence; processors in the projections role).
+    #[arg(long = "member-match-max-failures", env = "PAYERX_MEMBER_MATCH_MAX_FAILURES", default_value_t = 5)]
+    pub max_failures: u32,
+    /// The window of the failed-match limit, in seconds.
+    #[arg(
+        long = "member-match-failure-window-secs",
+        env = "PAYERX_MEMBER_MATCH_FAILURE_WINDOW_SECS",
+        default_value_t = 900
+    )]
+    pub failure_window_secs: i64,
+    /// A request repeating an earlier one (same client, same content) within this many seconds
+    /// gets the earlier decision again.
+    #[arg(
+        long = "member-match-retry-window-secs",
+        env = "PAYERX_MEMBER_MATCH_RETRY_WINDOW_SECS",
+        default_value_t = 86_400
+    )]
+    pub retry_window_secs: i64,
+    /// HRex consent policies this payer can honour (comma-separated): `regular` (share
+    /// non-sensitive data only) and/or `sensitive` (share everything). Listed in the
+    /// CapabilityStatement; a Consent asking for another one is refused with 422.
+    #[arg(
+        long = "member-match-consent-policies",
+        env = "PAYERX_MEMBER_MATCH_CONSENT_POLICIES",
+        value_delimiter = ',',
+        default_value = "regular"
+    )]
+    pub consent_policies: Vec<ConsentPolicyName>,
+    /// This payer's organization identifier(s), `system|value` (comma-separated). When set, a
+    /// Consent's source actor must name one of them.
+    #[arg(long = "payer-identifier", env = "PAYERX_PAYER_IDENTIFIER", value_delimiter = ',')]
+    pub payer_identifiers: Vec<String>,
+    /// Largest `$bulk-member-match` request (413 beyond). Members stream onto the log, so
+    /// memory does not grow with this.
+    #[arg(long = "max-bulk-member-match-bytes", env = "PAYERX_MAX_BULK_MEMBER_MATCH_BYTES", default_value_t = 256 * 1000 * 1000)]
+    pub max_bulk_bytes: u64,
+}
+
+/// An HRex consent policy, by its short name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConsentPolicyName {
+    Regular,
+    Sensitive,
+}
+
+impl ConsentPolicyName {
+    pub fn uri(self) -> &'static str {
+        match self {
+            ConsentPolicyName::Regular => processors::member_match::POLICY_REGULAR,
+            ConsentPolicyName::Sensitive => processors::member_match::POLICY_SENSITIVE,
+        }
+    }
+}
+
+impl Default for MemberMatchArgs {
+    fn default() -> Self {
+        MemberMatchArgs {
+            deadline_ms: 5000,
+            max_failures: 5,
+            failure_window_secs: 900,
+            retry_window_secs: 86_400,
+            consent_policies: vec![ConsentPolicyName::Regular],
+            payer_identifiers: Vec::new(),
+            max_bulk_bytes: 256 * 1000 * 1000,
+        }
+    }
+}
+
+impl MemberMatchArgs {
+    pub fn policy_uris(&self) -> Vec<String> {
+        self.consent_policies.iter().map(|p| p.uri().to_string()).collect()
+    }
+
+    /// The processor's settings.
+    pub fn processor_config(&self) -> projections::MemberMatchConfig {
+        let payer_identifiers = self
+            .payer_identifiers
+            .iter()
+            .map(|s| match s.split_once('|') {
+                Some((sys, v)) => processors::member_match::IdKey {
+                    system: (!sys.is_empty()).then(|| sys.to_string()),
+                    value: v.to_string(),
+                },
+                None => processors::member_match::IdKey { system: None, value: s.clone() },
+            })
+            .collect();
+        projections::MemberMatchConfig {
+            consent: processors::member_match::ConsentPolicy { supported: self.policy_uris(), payer_identifiers },
+            max_failures: self.max_failures,
+            failure_window_s: self.failure_window_secs,
+            retry_window_s: self.retry_window_secs,
+        }
+    }
 }
 
 /// How attachments sent by `attachment.url` are fetched (processors role).
@@ -266,6 +371,7 @@ impl ServeArgs {
             token_cache_secs: 5,
             refresh_token_ttl: 30 * 24 * 3600,
             fetch: FetchArgs::default(),
+            member_match: MemberMatchArgs::default(),
         }
     }
 

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run payerx: the HTTP API, the processors and the projections (or the roles chosen).
-    Serve(payerx::ServeArgs),
+    Serve(Box<payerx::ServeArgs>),
     /// Feed NDJSON or Bundle files into the log, through the same checks as the API.
     Load(payerx::load::LoadArgs),
     /// Print a topic's events as JSON lines.
@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
         fmt.init();
     }
     match cli.command {
-        Command::Serve(args) => payerx::App::start(args).await?.run_until_signal().await,
+        Command::Serve(args) => payerx::App::start(*args).await?.run_until_signal().await,
         Command::Load(args) => payerx::load::run(args).await,
         Command::Events(args) => payerx::events::run(args).await,
         Command::Replay(args) => payerx::replay::run(args).await,

@@ -17,6 +17,9 @@ pub enum ProjectionName {
     Resources,
     /// The CDex attachment links (cases, held and linked attachments, closed sets).
     AttachmentLinks,
+    /// The member index and the member-match decisions, links and bulk jobs (decisions are
+    /// restored from the decisions topic, not made again).
+    MemberMatch,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -35,6 +38,11 @@ pub async fn replay(backend: &BackendArgs, which: ProjectionName, quiet: bool) -
     let projection: Arc<dyn Projection> = match which {
         ProjectionName::Resources => Arc::new(ResourceProjection::new(&backend.topic_prefix)),
         ProjectionName::AttachmentLinks => Arc::new(projections::LinkProjection::new(&backend.topic_prefix)),
+        // Requests still undecided are decided with the defaults; every decided one is restored.
+        ProjectionName::MemberMatch => Arc::new(projections::MemberMatchProjection::new(
+            &backend.topic_prefix,
+            crate::config::MemberMatchArgs::default().processor_config(),
+        )),
     };
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(

@@ -128,10 +128,54 @@ pub fn add_operations(cs: &mut Value, max_attachment_request_bytes: u64) {
     }
 }
 
+/// Declares `$member-match` on Patient and `$bulk-member-match` on Group, with the consent
+/// policies this payer honours.
+pub fn add_member_match(cs: &mut Value, config: &crate::IngestConfig) {
+    let policies = config.consent_policies.join(", ");
+    let deadline = config.member_match_deadline.as_millis();
+    let bulk_limit = config.max_bulk_member_match_bytes;
+    let single = json!({
+        "name": "member-match",
+        "definition": "http://hl7.org/fhir/us/davinci-hrex/OperationDefinition/member-match",
+        "documentation": format!(
+            "Da Vinci HRex 1.1 $member-match, for payer backend clients (system scopes). In: MemberPatient, CoverageToMatch, \
+             CoverageToLink, Consent (also OldCoverage/NewCoverage); references must point at the MemberPatient. Matching rules, \
+             in order: identifier (CoverageToMatch subscriberId/identifier, MemberPatient identifiers, confirmed by birth date, \
+             family name, first given name and gender), then demographics (normalized family and given name, birth date, gender; \
+             postal code or telecom to tell apart). Exactly one match: 200 with MemberIdentifier (type hrex-temp#UMB) and MemberId. \
+             No match, several matches, or a Consent that cannot be honoured: 422. Consent policies honoured: {policies}; the \
+             Consent must be active, its period must include today, and its recipient must be the payer of CoverageToLink. \
+             The decision is awaited for {deadline} ms, then 503 with Retry-After (send the same request again for its decision). \
+             Repeated failed matches by a client answer 429 with Retry-After."
+        )
+    });
+    let bulk = json!({
+        "name": "bulk-member-match",
+        "definition": "http://hl7.org/fhir/us/davinci-pdex/OperationDefinition/BulkMemberMatch",
+        "documentation": format!(
+            "Da Vinci PDex 2.x $bulk-member-match (Prefer: respond-async; 202 with Content-Location). MemberBundle 1..* with \
+             MemberPatient, CoverageToMatch, CoverageToLink, Consent. Poll the status URL (202 with X-Progress and Retry-After, \
+             then a manifest); outputs: MatchedMembers, NonMatchedMembers and ConsentConstrainedMembers Groups as NDJSON. The \
+             MatchedMembers Group is also readable at Group/{{job id}}. Requests are limited to {bulk_limit} bytes (413 beyond)."
+        )
+    });
+    if let Some(resources) = cs.pointer_mut("/rest/0/resource").and_then(Value::as_array_mut) {
+        for (rtype, op) in [("Patient", single), ("Group", bulk)] {
+            if let Some(r) = resources.iter_mut().find(|r| r["type"] == rtype).and_then(Value::as_object_mut) {
+                let ops = r.entry("operation").or_insert_with(|| json!([]));
+                if let Some(list) = ops.as_array_mut() {
+                    list.push(op);
+                }
+            }
+        }
+    }
+}
+
 pub async fn metadata(State(state): State<SharedState>, headers: HeaderMap) -> Response {
     let base = base_url(&state, &headers);
     let mut cs = capability_statement(&base, state.config.max_body_bytes, state.smart_configuration.as_ref());
     add_operations(&mut cs, state.config.max_attachment_request_bytes);
+    add_member_match(&mut cs, &state.config);
     fhir_response(StatusCode::OK, &cs)
 }
 

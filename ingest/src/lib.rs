@@ -11,6 +11,7 @@ pub mod capability;
 pub mod cdex;
 pub mod error;
 pub mod fhir;
+pub mod member_match;
 pub mod ops;
 pub mod pas;
 pub mod search;
@@ -38,6 +39,12 @@ pub struct IngestConfig {
     pub max_attachment_request_bytes: u64,
     /// Public base URL (e.g. `https://payer.example/`); derived from the request when unset.
     pub base_url: Option<String>,
+    /// How long `$member-match` awaits the processor's decision before answering 503.
+    pub member_match_deadline: Duration,
+    /// Largest `$bulk-member-match` request (its members stream onto the log).
+    pub max_bulk_member_match_bytes: u64,
+    /// Consent policy URIs this payer honours (listed in the CapabilityStatement).
+    pub consent_policies: Vec<String>,
 }
 
 impl Default for IngestConfig {
@@ -48,6 +55,9 @@ impl Default for IngestConfig {
             max_body_bytes: 16 * 1024 * 1024,
             max_attachment_request_bytes: 100 * 1000 * 1000,
             base_url: None,
+            member_match_deadline: Duration::from_secs(5),
+            max_bulk_member_match_bytes: 256 * 1000 * 1000,
+            consent_policies: vec![processors::member_match::POLICY_REGULAR.to_string()],
         }
     }
 }
@@ -60,6 +70,10 @@ pub struct AppState {
     /// Attachment bytes, by SHA-256.
     pub blobs: blobs::BlobStore,
     pub notifier: Arc<WriteNotifier>,
+    /// Member-match decisions awaited by this process.
+    pub replies: Arc<member_match::MatchReplies>,
+    /// Bulk member-match jobs and member links.
+    pub matches: projections::MemberMatchStore,
     pub config: IngestConfig,
     pub ops: ops::SharedOps,
     pub audit: audit::AuditLog,
@@ -100,6 +114,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/_writes/{event_id}", get(write::write_status))
         .route("/$submit-attachment", post(cdex::submit_attachment))
         .route("/Claim/$submit", post(pas::submit))
+        .route("/Patient/$member-match", post(member_match::member_match))
+        .route("/Group/$bulk-member-match", post(member_match::bulk_member_match))
+        .route("/bulk-member-match-status/{job}", get(member_match::bulk_status))
+        .route("/bulk-member-match-status/{job}/{file}", get(member_match::bulk_output))
         .route("/Claim/{id}/$attachments", get(cdex::case_view))
         .route("/Binary/{id}", get(cdex::binary).put(binary_update).delete(binary_delete))
         .route("/{rtype}", post(fhir::create).get(search::search_get))

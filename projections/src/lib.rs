@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod links;
+pub mod member_match;
 pub mod outcomes;
 pub mod replay;
 pub mod resources;
@@ -12,6 +13,7 @@ pub mod worker;
 
 pub use db::{Backend, Db};
 pub use links::{LinkProjection, LinkStore};
+pub use member_match::{MemberMatchConfig, MemberMatchProjection, MemberMatchStore};
 pub use outcomes::{EntryOutcome, WriteNotifier, WriteOutcome};
 pub use resources::{ResourceProjection, ResourceStore, StoredResource};
 pub use worker::{Applied, Projection, ProjectionWorker};

@@ -177,10 +177,16 @@ impl Harness {
 
     /// Stops and starts again on the same log and views (a clean restart).
     pub async fn restart(&mut self, roles: &[Role]) {
+        self.restart_with(roles, |_| {}).await
+    }
+
+    /// [`Harness::restart`] with `tweak` applied to the configuration.
+    pub async fn restart_with(&mut self, roles: &[Role], tweak: impl FnOnce(&mut ServeArgs)) {
         if let Some(app) = self.app.take() {
             app.stop().await.expect("clean stop");
         }
         let mut args = ServeArgs::new(self.backend.clone());
+        tweak(&mut args);
         args.roles = roles.to_vec();
         // Same address as before, like a real deployment: tokens are issued for this base URL.
         if let Some(addr) = self.base.strip_prefix("http://").and_then(|a| a.parse().ok()) {
