@@ -46,6 +46,8 @@ pub enum BenchCommand {
     Auth(crate::bench_auth::AuthBenchArgs),
     /// CDex attachments: submissions/s, large bodies, time to "linked", beside the blob store.
     Attachments(crate::bench_attachments::AttachmentBenchArgs),
+    /// Da Vinci $member-match over the log beside the matcher in-process, and the bulk path.
+    MemberMatch(crate::bench_member_match::MemberMatchBenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -84,6 +86,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => ingest(args).await,
         BenchCommand::Auth(args) => crate::bench_auth::run(args).await,
         BenchCommand::Attachments(args) => crate::bench_attachments::run(args).await,
+        BenchCommand::MemberMatch(args) => crate::bench_member_match::run(args).await,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod app;
 pub mod bench;
 pub mod bench_attachments;
 pub mod bench_auth;
+pub mod bench_member_match;
 pub mod config;
 pub mod events;
 pub mod fetcher;

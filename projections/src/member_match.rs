@@ -86,6 +86,7 @@ pub struct MemberMatchProjection {
     requests: String,
     decisions: String,
     submissions: String,
+    dead_letters: String,
     config: MemberMatchConfig,
 }
 
@@ -96,6 +97,7 @@ impl MemberMatchProjection {
             requests: topics::full(topic_prefix, topics::MEMBER_MATCH_REQUESTS),
             decisions: topics::full(topic_prefix, topics::MEMBER_MATCH_DECISIONS),
             submissions: topics::full(topic_prefix, topics::FHIR_SUBMISSIONS),
+            dead_letters: topics::full(topic_prefix, topics::MEMBER_MATCH_DLQ),
             config,
         }
     }
@@ -739,6 +741,9 @@ impl Projection for MemberMatchProjection {
                 }
             } else if r.topic == self.decisions {
                 match schemas::decode_event::<MemberMatchDecided>(&r.value) {
+                    // Live, every decision comes back after it was recorded: only a rebuild (or
+                    // a crash between append and commit) finds one it does not hold.
+                    Ok(d) if self.holds(tx, g, &d.request_id).await? => {}
                     Ok(d) => record_decision(tx, g, &d, None).await?,
                     Err(e) => {
                         tracing::error!(source = r.coordinates(), error = %e, "undecodable member-match decision skipped")
@@ -748,8 +753,13 @@ impl Projection for MemberMatchProjection {
                 let ev = match schemas::decode_event::<MemberMatchRequested>(&r.value) {
                     Ok(ev) => ev,
                     Err(e) => {
-                        tracing::error!(source = r.coordinates(), error = %e, "undecodable member-match request skipped");
+                        // Nobody can decide it: to the dead letters with the reason, and on.
+                        tracing::error!(source = r.coordinates(), error = %e, "undecodable member-match request dead-lettered");
                         metrics::counter!("payerx_projection_skipped_total", "projection" => NAME).increment(1);
+                        let reason = format!("undecodable MemberMatchRequested: {e}");
+                        applied
+                            .emit
+                            .push((i, runtime::processor::dead_letter(r, &self.dead_letters, NAME, &reason, None)));
                         continue;
                     }
                 };
@@ -763,6 +773,20 @@ impl Projection for MemberMatchProjection {
 }
 
 impl MemberMatchProjection {
+    /// Whether a decision on `request_id` is recorded.
+    async fn holds(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        g: i64,
+        request_id: &str,
+    ) -> Result<bool, ProjectionError> {
+        let row = sqlx::query(&format!("SELECT 1 FROM {} WHERE request_id = $1", decisions_table(g)))
+            .bind(request_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(row.is_some())
+    }
+
     async fn request(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -793,11 +817,7 @@ impl MemberMatchProjection {
                 .await?;
             return self.completion(tx, g, input, &ev.envelope, job).await;
         }
-        let known = sqlx::query(&format!("SELECT 1 FROM {} WHERE request_id = $1", decisions_table(g)))
-            .bind(ev.envelope.event_id.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-        if known.is_some() {
+        if self.holds(tx, g, &ev.envelope.event_id).await? {
             // Rebuilding: the decision came first from the decisions topic, which carries no
             // demographics; the bulk output needs this member's MemberPatient.
             if let (Some(job), Some(index)) = (&ev.bulk_job, ev.bulk_index) {
@@ -944,6 +964,25 @@ impl MemberMatchStore {
         rows.into_iter()
             .map(|r| Ok(BulkMember { index: r.try_get(0)?, patient_id: r.try_get(1)?, member_patient: r.try_get(2)? }))
             .collect()
+    }
+
+    /// Members in the index.
+    pub async fn member_count(&self) -> Result<i64, ProjectionError> {
+        let Some(g) = self.generation().await? else { return Ok(0) };
+        let row = sqlx::query(&format!("SELECT COUNT(*) FROM {}", members_table(g))).fetch_one(&self.db.pool).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// The matcher called in-process on the current index: the same lookups and rules as the
+    /// processor, without the log (the floor of `payerx bench member-match`).
+    pub async fn decide_direct(&self, req: &MatchRequest) -> Result<Verdict, ProjectionError> {
+        let g = self.generation().await?.ok_or_else(|| ProjectionError::Other("no member index yet".into()))?;
+        let mut tx = self.db.pool.begin().await?;
+        let probe = mm::probe(req);
+        let found = by_identifier(&mut tx, g, &probe.identifiers).await?;
+        let by_demo = if found.is_empty() { by_demographics(&mut tx, g, &probe.member).await? } else { Vec::new() };
+        tx.commit().await?;
+        Ok(mm::decide(&probe, &found, &by_demo))
     }
 
     /// Whether the member index holds this Patient (the index follows the changes topic on its

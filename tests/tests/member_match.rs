@@ -18,6 +18,7 @@ both_tiers!(
     the_seed_request_with_old_parameter_names_matches,
     replay_yields_the_same_decisions,
     bulk_member_match_with_mixed_outcomes,
+    an_undecodable_request_goes_to_the_dead_letters,
 );
 
 both_tiers!(with strict: repeated_failures_trip_the_limit_per_client);
@@ -168,7 +169,13 @@ async fn one_match_answers_the_member_identifier_the_patient_is_found_by(h: Harn
     assert_eq!(found["entry"][0]["resource"]["id"], "mm-1");
 
     // The consent and the requesting payer's coverage are kept for its later data requests.
-    let links = h.app().matches.as_ref().unwrap().links("mm-1").await.unwrap();
+    let store = h.app().matches.clone().unwrap();
+    let links = h
+        .until("the member link", || {
+            let store = store.clone();
+            async move { store.links("mm-1").await.ok().filter(|l| !l.is_empty()) }
+        })
+        .await;
     assert_eq!(links.len(), 1);
     assert_eq!(links[0].policy.as_deref(), Some(REGULAR));
     assert_eq!(links[0].period_end.as_deref(), Some("2099-12-31"));
@@ -385,8 +392,13 @@ async fn replay_yields_the_same_decisions(h: Harness) {
     assert_eq!(member_match(&h, &bad).await.0, 422);
     let none = request(member_patient("Nemo", &["Nobody"], "2000-01-01"), coverage_to_match(None), None);
     assert_eq!(member_match(&h, &none).await.0, 422);
-    let before = store.decisions().await.unwrap();
-    assert_eq!(before.len(), 3);
+    // The answer can precede the commit of the processor's batch by a moment.
+    let before = h
+        .until("three decisions recorded", || {
+            let store = store.clone();
+            async move { store.decisions().await.ok().filter(|d| d.len() == 3) }
+        })
+        .await;
     let links_before = store.links("rp-1").await.unwrap();
 
     let r = payerx::replay::replay(&h.backend, payerx::replay::ProjectionName::MemberMatch, true).await.unwrap();
@@ -493,5 +505,35 @@ async fn bulk_member_match_with_mixed_outcomes(h: Harness) {
     let (status, out) = h.get_json("/fhir/bulk-member-match-status/not-a-job").await;
     assert_eq!(status, 404);
     assert_eq!(out["resourceType"], "OperationOutcome");
+    h.stop().await;
+}
+
+async fn an_undecodable_request_goes_to_the_dead_letters(h: Harness) {
+    let requests = topics::full(&h.backend.topic_prefix, topics::MEMBER_MATCH_REQUESTS);
+    let dlq = topics::full(&h.backend.topic_prefix, topics::MEMBER_MATCH_DLQ);
+    let log = h.app().log.clone();
+    log.append(vec![runtime::Record::new(requests, "client/x", b"not avro".to_vec())]).await.unwrap();
+    let dead = h
+        .until("the dead letter", || {
+            let (log, dlq) = (log.clone(), dlq.clone());
+            async move {
+                let ends = log.end_offsets(&dlq).await.unwrap();
+                let assignment: Vec<_> = (0..ends.len()).map(|p| (dlq.clone(), p as i32, 0)).collect();
+                let mut c = log.assigned_consumer(&assignment).await.unwrap();
+                c.poll(10, Duration::from_millis(200)).await.unwrap().into_iter().next()
+            }
+        })
+        .await;
+    assert_eq!(dead.value, b"not avro");
+    assert!(dead.header(schemas::topics::headers::ERROR_REASON).unwrap().contains("undecodable"));
+    assert_eq!(dead.header(schemas::topics::headers::ERROR_STAGE), Some("member-match"));
+    // And the processor went on: a request after it is decided.
+    enrol(&h, "dq-1", "Ito", &["Ren"], "1977-07-07", "M8001", "S8001").await;
+    let (status, out, _) = member_match(
+        &h,
+        &request(member_patient("Ito", &["Ren"], "1977-07-07"), coverage_to_match(Some("S8001")), None),
+    )
+    .await;
+    assert_eq!(status, 200, "{out}");
     h.stop().await;
 }
