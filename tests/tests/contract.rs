@@ -138,3 +138,41 @@ async fn python_fastavro_decodes_the_attachments_topic() {
     assert_eq!(decoded[2]["value"]["case_ref"], "Claim/c-contract");
     h.stop().await;
 }
+
+/// Both member-match topics: a request and its decision, decoded by fastavro from
+/// `member-match-request/v1.avsc` and `member-match-decision/v1.avsc` alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "integration tier: needs python3 with fastavro (installed by scripts/test-integration.sh)"]
+async fn python_fastavro_decodes_the_member_match_topics() {
+    let h = Harness::start(Tier::Embedded).await;
+    let params = serde_json::json!({"resourceType": "Parameters", "parameter": [
+        {"name": "MemberPatient", "resource": {"resourceType": "Patient", "id": "1", "name": [{"family": "Nobody"}], "birthDate": "2000-01-01"}},
+        {"name": "CoverageToMatch", "resource": {"resourceType": "Coverage", "status": "active", "subscriberId": "S-C",
+            "beneficiary": {"reference": "Patient/1"}, "payor": [{"display": "Old plan"}]}}
+    ]});
+    assert_eq!(h.post("/fhir/Patient/$member-match", &params).await.status(), 422);
+    let mut values = vec![];
+    for name in [topics::MEMBER_MATCH_REQUESTS, topics::MEMBER_MATCH_DECISIONS] {
+        let topic = topics::full(&h.backend.topic_prefix, name);
+        let parts = h.app().log.partitions(&topic).await.unwrap();
+        let mut c = h
+            .app()
+            .log
+            .assigned_consumer(&(0..parts).map(|p| (topic.clone(), p, 0)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        values.extend(c.poll(100, Duration::from_millis(500)).await.unwrap().into_iter().map(|r| r.value));
+    }
+    assert_eq!(values.len(), 2, "one request, one decision");
+    let decoded = decode_in_python(&values);
+    let request: schemas::MemberMatchRequested = schemas::decode_event(&values[0]).unwrap();
+    assert_eq!(decoded[0]["schema_id"], 401);
+    assert_eq!(decoded[0]["value"]["kind"], "SINGLE");
+    assert_eq!(decoded[0]["value"]["request_hash"], request.request_hash);
+    assert_eq!(decoded[0]["value"]["member_patient"].as_str(), request.member_patient.as_deref());
+    assert_eq!(decoded[1]["schema_id"], 501);
+    assert_eq!(decoded[1]["value"]["outcome"], "NO_MATCH");
+    assert_eq!(decoded[1]["value"]["request_id"], request.envelope.event_id);
+    assert_eq!(decoded[1]["value"]["repeated"], false);
+    h.stop().await;
+}
