@@ -95,6 +95,29 @@ const CHUNK: usize = 1000;
 /// How often the cheap visibility check (the projection's stored offsets) runs.
 const VISIBLE_POLL: Duration = Duration::from_millis(10);
 
+/// `embedded log + SQLite views`, `Kafka log + PostgreSQL views`, … for a report's title.
+pub(crate) fn backends_label(backend: &BackendArgs) -> String {
+    format!(
+        "{} log + {} views",
+        if backend.kafka_brokers.is_some() { "Kafka" } else { "embedded" },
+        if backend.database_url.as_deref().is_some_and(|u| u.starts_with("postgres")) {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
+    )
+}
+
+/// Prints a bench's table, or with `--json` the table on stderr and `figures` on stdout.
+pub(crate) fn print_report(json: bool, table: &str, figures: serde_json::Value) {
+    if json {
+        eprint!("{table}");
+        println!("{figures}");
+    } else {
+        print!("{table}");
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Latency {
     /// What one sample is.
@@ -787,11 +810,7 @@ async fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
     }
     let kafka = args.backend.kafka_brokers.is_some();
     let postgres = args.backend.database_url.as_deref().is_some_and(|u| u.starts_with("postgres"));
-    let label = format!(
-        "{} log + {} views",
-        if kafka { "Kafka" } else { "embedded" },
-        if postgres { "PostgreSQL" } else { "SQLite" }
-    );
+    let label = backends_label(&args.backend);
     let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let rss_per_phase = reset_peak_rss();
     let run = Run { args: args.clone(), id, kafka, rss_per_phase };

@@ -324,7 +324,6 @@ fn growth(base: Option<u64>) -> Option<u64> {
 
 pub async fn run(args: AttachmentBenchArgs) -> anyhow::Result<()> {
     let (backend, dir) = fresh_backend(&args.backend);
-    let kafka = backend.kafka_brokers.is_some();
     let mut serve = ServeArgs::new(backend.clone());
     let largest = args.large_mb.iter().copied().max().unwrap_or(0) * 1_000_000;
     serve.max_attachment_request_bytes = serve.max_attachment_request_bytes.max(largest / 3 * 4 + 1_000_000);
@@ -365,11 +364,17 @@ pub async fn run(args: AttachmentBenchArgs) -> anyhow::Result<()> {
     }
     let rows = result?;
     let mut out = format!(
-        "\npayerx bench attachments: {} log + {} views, {} CPUs\n{:<38} {:>6} {:>10} {:>9} {:>10} {:>18} {:>18} {:>9}\n",
-        if kafka { "Kafka" } else { "embedded" },
-        if backend.database_url.as_deref().is_some_and(|u| u.starts_with("postgres")) { "PostgreSQL" } else { "SQLite" },
+        "\npayerx bench attachments: {}, {} CPUs\n{:<38} {:>6} {:>10} {:>9} {:>10} {:>18} {:>18} {:>9}\n",
+        crate::bench::backends_label(&backend),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "phase", "count", "per s", "MB/s", "seconds", "p50/p99 to 200", "p50/p99 to LINKED", "RSS growth"
+        "phase",
+        "count",
+        "per s",
+        "MB/s",
+        "seconds",
+        "p50/p99 to 200",
+        "p50/p99 to LINKED",
+        "RSS growth"
     );
     for r in &rows {
         out.push_str(&r.row());
@@ -387,15 +392,11 @@ pub async fn run(args: AttachmentBenchArgs) -> anyhow::Result<()> {
         "notes: RSS growth = the process's peak (VmHWM, server and bench in one process) above its RSS when the phase began; \
          the large bodies are generated while sent, so the bench holds no copy; MB = 10^6 bytes of document.\n",
     );
-    if args.json {
-        eprint!("{out}");
-        println!(
-            "{}",
-            json!({"bench": "attachments", "phases": rows.iter().map(Figures::json).collect::<Vec<_>>(),
-                   "ratios_to_floor": ratios.into_iter().map(|(n, r)| json!({"phase": n, "ratio": r})).collect::<Vec<_>>()})
-        );
-    } else {
-        print!("{out}");
-    }
+    crate::bench::print_report(
+        args.json,
+        &out,
+        json!({"bench": "attachments", "phases": rows.iter().map(Figures::json).collect::<Vec<_>>(),
+               "ratios_to_floor": ratios.into_iter().map(|(n, r)| json!({"phase": n, "ratio": r})).collect::<Vec<_>>()}),
+    );
     Ok(())
 }

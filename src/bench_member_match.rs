@@ -302,7 +302,13 @@ async fn load_members(app: &App, args: &MemberMatchBenchArgs, backend: &BackendA
         anyhow::ensure!(Instant::now() < deadline, "the last member never became matchable");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("bench: member-match: index ready in {:.1} s", t.elapsed().as_secs_f64());
+    // The read view too: measure matching in a steady state, not beside a projection catching up.
+    let view = app.store.clone().context("payerx started without its views")?;
+    while view.count("Coverage").await? < args.members as i64 {
+        anyhow::ensure!(Instant::now() < deadline, "the read view never caught up with the load");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("bench: member-match: index and read view ready in {:.1} s", t.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -435,7 +441,6 @@ pub async fn run(args: MemberMatchBenchArgs) -> anyhow::Result<()> {
         args.requests * levels + args.bulk_members
     );
     let (backend, dir) = fresh_backend(&args.backend);
-    let kafka = backend.kafka_brokers.is_some();
     let serve = ServeArgs::new(backend.clone());
     let app = App::start(serve).await?;
     let tag = uuid::Uuid::new_v4().simple().to_string()[..6].to_string();
@@ -469,12 +474,17 @@ pub async fn run(args: MemberMatchBenchArgs) -> anyhow::Result<()> {
     }
     let rows = result?;
     let mut out = format!(
-        "\npayerx bench member-match: {} log + {} views, {} members, {} CPUs\n{:<44} {:>7} {:>9} {:>10} {:>9} {:>9} {:>11}\n",
-        if kafka { "Kafka" } else { "embedded" },
-        if backend.database_url.as_deref().is_some_and(|u| u.starts_with("postgres")) { "PostgreSQL" } else { "SQLite" },
+        "\npayerx bench member-match: {}, {} members, {} CPUs\n{:<44} {:>7} {:>9} {:>10} {:>9} {:>9} {:>11}\n",
+        crate::bench::backends_label(&backend),
         args.members,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "phase", "count", "seconds", "per s", "p50", "p99", "RSS growth"
+        "phase",
+        "count",
+        "seconds",
+        "per s",
+        "p50",
+        "p99",
+        "RSS growth"
     );
     for r in &rows {
         out.push_str(&r.text());
@@ -507,15 +517,11 @@ pub async fn run(args: MemberMatchBenchArgs) -> anyhow::Result<()> {
          member; floor = the same lookups and rules in-process on the same index; bulk = kick-off until the completed \
          manifest, RSS growth = the process's peak above its RSS when the bulk began (its body is generated while sent).\n",
     );
-    if args.json {
-        eprint!("{out}");
-        println!(
-            "{}",
-            json!({"bench": "member-match", "members": args.members, "phases": rows.iter().map(Row::json).collect::<Vec<_>>(),
-                   "ratios_to_floor": ratios})
-        );
-    } else {
-        print!("{out}");
-    }
+    crate::bench::print_report(
+        args.json,
+        &out,
+        json!({"bench": "member-match", "members": args.members, "phases": rows.iter().map(Row::json).collect::<Vec<_>>(),
+               "ratios_to_floor": ratios}),
+    );
     Ok(())
 }

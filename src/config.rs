@@ -64,7 +64,7 @@ pub enum Role {
     Ingest,
     /// The stream processors (validate).
     Processors,
-    /// The projections (resource view).
+    /// The projections (resource view, attachment links) and the member-match processor.
     Projections,
 }
 

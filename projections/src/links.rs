@@ -712,12 +712,7 @@ impl LinkStore {
     }
 
     async fn generation(&self) -> Result<Option<i64>, ProjectionError> {
-        Ok(sqlx::query("SELECT active FROM view_generations WHERE projection = $1")
-            .bind(NAME)
-            .fetch_optional(&self.db.pool)
-            .await?
-            .map(|r| r.try_get::<i64, _>(0))
-            .transpose()?)
+        crate::worker::served_generation(&self.db, NAME).await
     }
 
     /// The state of one tracking id (empty if nothing is known).

@@ -6,10 +6,11 @@
 //! projection worker: the index and the decisions live in the views database in the same
 //! transaction as its offsets, and the decisions are appended before that transaction commits.
 //!
-//! The decisions topic is also one of its inputs, and the authority on what was decided: a
-//! request whose decision is already recorded is never decided again, and a replay restores every
-//! decision, brute-force counter and member link from the topic (while the index is rebuilt from
-//! the changes), so it yields the decisions the clients were given.
+//! When a generation is built (replay), the decisions topic is also one of its inputs, and the
+//! authority on what was decided: a request whose decision is recorded is not decided again, so
+//! the replay restores every decision, brute-force counter and member link from the topic (while
+//! the index is rebuilt from the changes) and yields the decisions the clients were given. Live,
+//! the processor wrote every decision itself and does not read them back.
 
 use std::collections::BTreeMap;
 
@@ -665,9 +666,12 @@ impl Projection for MemberMatchProjection {
     }
 
     fn topics(&self) -> Vec<String> {
-        // Changes first: the embedded log reads its assignment in order, so a request waiting
-        // in the same batch sees the index as of the changes before it.
         vec![self.changes.clone(), self.decisions.clone(), self.requests.clone()]
+    }
+
+    /// Live, every decision on the topic was recorded here before it was appended.
+    fn live_topics(&self) -> Vec<String> {
+        vec![self.changes.clone(), self.requests.clone()]
     }
 
     async fn create_generation(&self, db: &Db, g: i64) -> Result<(), ProjectionError> {
@@ -692,7 +696,8 @@ impl Projection for MemberMatchProjection {
                  bulk_job TEXT, body TEXT NOT NULL)"
             ),
             format!("CREATE INDEX IF NOT EXISTS {decisions}_hash ON {decisions} (request_hash, client_id)"),
-            format!("CREATE INDEX IF NOT EXISTS {decisions}_client ON {decisions} (client_id, decided_at)"),
+            // The brute-force counter reads only a client's failed attempts.
+            format!("CREATE INDEX IF NOT EXISTS {decisions}_failed ON {decisions} (client_id, failed, decided_at)"),
             format!(
                 "CREATE TABLE IF NOT EXISTS {links} (request_id TEXT PRIMARY KEY, patient_id TEXT NOT NULL, client_id TEXT NOT NULL,
                  policy TEXT, period_start TEXT, period_end TEXT, coverage_to_link TEXT, consent TEXT)"
@@ -893,12 +898,7 @@ impl MemberMatchStore {
     }
 
     async fn generation(&self) -> Result<Option<i64>, ProjectionError> {
-        Ok(sqlx::query("SELECT active FROM view_generations WHERE projection = $1")
-            .bind(NAME)
-            .fetch_optional(&self.db.pool)
-            .await?
-            .map(|r| r.try_get::<i64, _>(0))
-            .transpose()?)
+        crate::worker::served_generation(&self.db, NAME).await
     }
 
     pub async fn job(&self, job_id: &str) -> Result<Option<BulkJob>, ProjectionError> {

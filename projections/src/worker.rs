@@ -20,6 +20,14 @@ pub trait Projection: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Full names of the topics it reads.
     fn topics(&self) -> Vec<String>;
+    /// The topics read while keeping the served generation up to date; all of [`topics`] by
+    /// default. A projection that rebuilds from its own outputs (the member-match decisions)
+    /// needs them only when building: live, it wrote them itself.
+    ///
+    /// [`topics`]: Projection::topics
+    fn live_topics(&self) -> Vec<String> {
+        self.topics()
+    }
     /// Creates the tables of one generation (idempotent).
     async fn create_generation(&self, db: &Db, generation: i64) -> Result<(), ProjectionError>;
     /// Drops the tables of a retired generation.
@@ -63,6 +71,16 @@ pub async fn drop_generation_tables(
     Ok(())
 }
 
+/// The generation `projection` serves, if it has started (query sides read through this).
+pub async fn served_generation(db: &Db, projection: &str) -> Result<Option<i64>, ProjectionError> {
+    Ok(sqlx::query("SELECT active FROM view_generations WHERE projection = $1")
+        .bind(projection)
+        .fetch_optional(&db.pool)
+        .await?
+        .map(|r| r.try_get::<i64, _>(0))
+        .transpose()?)
+}
+
 /// The generation a projection serves, creating generation 1 on first use.
 pub async fn active_generation(db: &Db, projection: &dyn Projection) -> Result<i64, ProjectionError> {
     let row = sqlx::query("SELECT active FROM view_generations WHERE projection = $1")
@@ -99,18 +117,29 @@ pub async fn load_offsets(
     Ok(out)
 }
 
-/// How far a generation is behind the log: (applied, end) summed over its partitions.
+/// How far a generation is behind the log: (applied, end) summed over the partitions of the
+/// topics it reads while building.
 pub async fn progress(
     db: &Db,
     log: &dyn Log,
     projection: &dyn Projection,
     generation: i64,
 ) -> Result<(i64, i64), ProjectionError> {
-    let offsets = load_offsets(db, projection.name(), generation).await?;
+    progress_over(db, log, projection.name(), &projection.topics(), generation).await
+}
+
+async fn progress_over(
+    db: &Db,
+    log: &dyn Log,
+    name: &str,
+    topics: &[String],
+    generation: i64,
+) -> Result<(i64, i64), ProjectionError> {
+    let offsets = load_offsets(db, name, generation).await?;
     let mut applied = 0;
     let mut end = 0;
-    for t in projection.topics() {
-        for (p, e) in log.end_offsets(&t).await?.into_iter().enumerate() {
+    for t in topics {
+        for (p, e) in log.end_offsets(t).await?.into_iter().enumerate() {
             end += e;
             applied += offsets.get(&(t.clone(), p as i32)).copied().unwrap_or(0);
         }
@@ -193,8 +222,9 @@ impl ProjectionWorker {
         };
         self.projection.create_generation(&self.db, generation).await?;
         let stored = load_offsets(&self.db, name, generation).await?;
+        let topics = if pinned.is_some() { self.projection.topics() } else { self.projection.live_topics() };
         let mut assignment = Vec::new();
-        for t in self.projection.topics() {
+        for t in topics {
             for p in 0..self.log.partitions(&t).await? {
                 assignment.push((t.clone(), p, stored.get(&(t.clone(), p)).copied().unwrap_or(0)));
             }
@@ -281,7 +311,8 @@ impl ProjectionWorker {
     }
 
     async fn report_lag(&self, generation: i64) {
-        if let Ok((applied, end)) = progress(&self.db, self.log.as_ref(), self.projection.as_ref(), generation).await {
+        let (name, topics) = (self.projection.name(), self.projection.live_topics());
+        if let Ok((applied, end)) = progress_over(&self.db, self.log.as_ref(), name, &topics, generation).await {
             metrics::gauge!("payerx_projection_lag", "projection" => self.projection.name())
                 .set((end - applied).max(0) as f64);
         }

@@ -409,18 +409,19 @@ impl MemberMatchOutcome {
         }
     }
 
+    /// Every outcome, in the order of the `.avsc` symbols (Avro enums are positional).
+    pub const ALL: [MemberMatchOutcome; 7] = [
+        MemberMatchOutcome::Matched,
+        MemberMatchOutcome::NoMatch,
+        MemberMatchOutcome::MultipleMatches,
+        MemberMatchOutcome::ConsentRefused,
+        MemberMatchOutcome::Throttled,
+        MemberMatchOutcome::Invalid,
+        MemberMatchOutcome::BulkCompleted,
+    ];
+
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            MemberMatchOutcome::Matched,
-            MemberMatchOutcome::NoMatch,
-            MemberMatchOutcome::MultipleMatches,
-            MemberMatchOutcome::ConsentRefused,
-            MemberMatchOutcome::Throttled,
-            MemberMatchOutcome::Invalid,
-            MemberMatchOutcome::BulkCompleted,
-        ]
-        .into_iter()
-        .find(|o| o.as_str() == s)
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
     }
 
     /// A failed attempt for the brute-force counter.

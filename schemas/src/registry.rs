@@ -408,15 +408,7 @@ mod tests {
         assert_eq!(decode_event::<MemberMatchRequested>(&bytes).expect("decode"), req);
         assert_eq!(req.key(), "client/payer-b");
 
-        for outcome in [
-            MemberMatchOutcome::Matched,
-            MemberMatchOutcome::NoMatch,
-            MemberMatchOutcome::MultipleMatches,
-            MemberMatchOutcome::ConsentRefused,
-            MemberMatchOutcome::Throttled,
-            MemberMatchOutcome::Invalid,
-            MemberMatchOutcome::BulkCompleted,
-        ] {
+        for outcome in MemberMatchOutcome::ALL {
             let mut d = MemberMatchDecided::new(
                 Envelope::new("MemberMatchDecided", 1, "c".into(), None),
                 outcome,

@@ -31,6 +31,15 @@ fn decode_in_python(values: &[Vec<u8>]) -> Vec<serde_json::Value> {
     String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// The values on a topic (relative name), from the beginning, as far as one poll reads.
+async fn topic_values(h: &Harness, name: &str) -> Vec<Vec<u8>> {
+    let topic = topics::full(&h.backend.topic_prefix, name);
+    let parts = h.app().log.partitions(&topic).await.unwrap();
+    let assignment: Vec<_> = (0..parts).map(|p| (topic.clone(), p, 0)).collect();
+    let mut c = h.app().log.assigned_consumer(&assignment).await.unwrap();
+    c.poll(100, Duration::from_millis(500)).await.unwrap().into_iter().map(|r| r.value).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "integration tier: needs python3 with fastavro (installed by scripts/test-integration.sh)"]
 async fn python_fastavro_decodes_every_topic_from_the_avsc_files() {
@@ -44,20 +53,8 @@ async fn python_fastavro_decodes_every_topic_from_the_avsc_files() {
         400
     );
     // Bad input refused at the API never reaches the log: two writes, two events per topic.
-    let mut values = vec![];
-    for name in [topics::FHIR_SUBMISSIONS, topics::FHIR_CHANGES] {
-        let topic = topics::full(&h.backend.topic_prefix, name);
-        let parts = h.app().log.partitions(&topic).await.unwrap();
-        let mut c = h
-            .app()
-            .log
-            .assigned_consumer(&(0..parts).map(|p| (topic.clone(), p, 0)).collect::<Vec<_>>())
-            .await
-            .unwrap();
-        for r in c.poll(100, Duration::from_millis(500)).await.unwrap() {
-            values.push(r.value);
-        }
-    }
+    let mut values = topic_values(&h, topics::FHIR_SUBMISSIONS).await;
+    values.extend(topic_values(&h, topics::FHIR_CHANGES).await);
     assert_eq!(values.len(), 4, "two submissions, two changes");
     let decoded = decode_in_python(&values);
     assert_eq!(decoded.len(), values.len());
@@ -151,18 +148,8 @@ async fn python_fastavro_decodes_the_member_match_topics() {
             "beneficiary": {"reference": "Patient/1"}, "payor": [{"display": "Old plan"}]}}
     ]});
     assert_eq!(h.post("/fhir/Patient/$member-match", &params).await.status(), 422);
-    let mut values = vec![];
-    for name in [topics::MEMBER_MATCH_REQUESTS, topics::MEMBER_MATCH_DECISIONS] {
-        let topic = topics::full(&h.backend.topic_prefix, name);
-        let parts = h.app().log.partitions(&topic).await.unwrap();
-        let mut c = h
-            .app()
-            .log
-            .assigned_consumer(&(0..parts).map(|p| (topic.clone(), p, 0)).collect::<Vec<_>>())
-            .await
-            .unwrap();
-        values.extend(c.poll(100, Duration::from_millis(500)).await.unwrap().into_iter().map(|r| r.value));
-    }
+    let mut values = topic_values(&h, topics::MEMBER_MATCH_REQUESTS).await;
+    values.extend(topic_values(&h, topics::MEMBER_MATCH_DECISIONS).await);
     assert_eq!(values.len(), 2, "one request, one decision");
     let decoded = decode_in_python(&values);
     let request: schemas::MemberMatchRequested = schemas::decode_event(&values[0]).unwrap();
