@@ -199,36 +199,22 @@ async fn apply_change(tx: &mut Transaction<'static, Any>, g: i64, c: &ResourceCh
     }
 }
 
-async fn members_by_id(
-    tx: &mut Transaction<'static, Any>,
-    g: i64,
-    patient_ids: &[String],
-) -> Result<Vec<MemberRecord>, ProjectionError> {
-    let mut out = Vec::new();
-    for pid in patient_ids {
-        let row = sqlx::query(&format!("SELECT record FROM {} WHERE patient_id = $1", members_table(g)))
-            .bind(pid.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-        if let Some(row) = row {
-            out.push(serde_json::from_str(&row.try_get::<String, _>(0)?).map_err(json_err)?);
-        }
-    }
-    Ok(out)
-}
-
 /// Members reached through the probe's identifiers (directly, or as a Coverage's beneficiary).
 async fn by_identifier(
     tx: &mut Transaction<'static, Any>,
     g: i64,
     ids: &[IdKey],
 ) -> Result<Vec<MemberRecord>, ProjectionError> {
-    let mut patients: Vec<String> = Vec::new();
+    let mut out: Vec<MemberRecord> = Vec::new();
     for id in ids {
-        let rows = sqlx::query(&format!("SELECT system, patient_id FROM {} WHERE value = $1", ids_table(g)))
-            .bind(id.value.as_str())
-            .fetch_all(&mut **tx)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT i.system, m.record FROM {} i JOIN {} m ON m.patient_id = i.patient_id WHERE i.value = $1",
+            ids_table(g),
+            members_table(g)
+        ))
+        .bind(id.value.as_str())
+        .fetch_all(&mut **tx)
+        .await?;
         for row in rows {
             let system: String = row.try_get(0)?;
             // A system on both sides must agree; a subscriber id (no system) matches any.
@@ -236,13 +222,16 @@ async fn by_identifier(
                 (Some(want), have) if !have.is_empty() => want == have,
                 _ => true,
             };
-            let pid: String = row.try_get(1)?;
-            if agrees && !patients.contains(&pid) {
-                patients.push(pid);
+            if !agrees {
+                continue;
+            }
+            let member: MemberRecord = serde_json::from_str(&row.try_get::<String, _>(1)?).map_err(json_err)?;
+            if !out.iter().any(|m| m.patient_id == member.patient_id) {
+                out.push(member);
             }
         }
     }
-    members_by_id(tx, g, &patients).await
+    Ok(out)
 }
 
 async fn by_demographics(
@@ -251,42 +240,61 @@ async fn by_demographics(
     member: &MemberRecord,
 ) -> Result<Vec<MemberRecord>, ProjectionError> {
     let Some(birth_date) = &member.birth_date else { return Ok(Vec::new()) };
-    let mut patients: Vec<String> = Vec::new();
+    let mut out: Vec<MemberRecord> = Vec::new();
     for family in &member.families {
-        let rows =
-            sqlx::query(&format!("SELECT patient_id FROM {} WHERE family = $1 AND birth_date = $2", names_table(g)))
-                .bind(family.as_str())
-                .bind(birth_date.as_str())
-                .fetch_all(&mut **tx)
-                .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT m.record FROM {} n JOIN {} m ON m.patient_id = n.patient_id WHERE n.family = $1 AND n.birth_date = $2",
+            names_table(g),
+            members_table(g)
+        ))
+        .bind(family.as_str())
+        .bind(birth_date.as_str())
+        .fetch_all(&mut **tx)
+        .await?;
         for row in rows {
-            let pid: String = row.try_get(0)?;
-            if !patients.contains(&pid) {
-                patients.push(pid);
+            let m: MemberRecord = serde_json::from_str(&row.try_get::<String, _>(0)?).map_err(json_err)?;
+            if !out.iter().any(|o| o.patient_id == m.patient_id) {
+                out.push(m);
             }
         }
     }
-    members_by_id(tx, g, &patients).await
+    Ok(out)
 }
 
 // ---- decisions ----
 
 /// The row kept per decision: the decision itself, and what the counters and memo need.
+/// How a decision row meets one already recorded for the same request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    /// From the decisions topic, the authority: it replaces what is there.
+    Replace,
+    /// Just decided here: kept only if the request has no decision yet (a rebuild may have
+    /// read it from the topic first). Returns whether it was new.
+    IfNew,
+}
+
 async fn record_decision(
     tx: &mut Transaction<'static, Any>,
     g: i64,
     d: &MemberMatchDecided,
     member_patient: Option<&str>,
-) -> Result<(), ProjectionError> {
+    how: Recorded,
+) -> Result<bool, ProjectionError> {
     let client = d.envelope.client_id.clone().unwrap_or_default();
     let failed = i64::from(d.outcome.is_failed_attempt() && !d.repeated && d.bulk_job.is_none());
     let body = serde_json::to_string(d).map_err(json_err)?;
-    sqlx::query(&format!(
+    let conflict = match how {
+        Recorded::IfNew => "DO NOTHING",
+        Recorded::Replace => {
+            "DO UPDATE SET request_hash = excluded.request_hash, client_id = excluded.client_id,
+               outcome = excluded.outcome, decided_at = excluded.decided_at, failed = excluded.failed,
+               bulk_job = excluded.bulk_job, body = excluded.body"
+        }
+    };
+    let inserted = sqlx::query(&format!(
         "INSERT INTO {} (request_id, request_hash, client_id, outcome, decided_at, failed, bulk_job, body)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (request_id) DO UPDATE SET request_hash = excluded.request_hash, client_id = excluded.client_id,
-           outcome = excluded.outcome, decided_at = excluded.decided_at, failed = excluded.failed,
-           bulk_job = excluded.bulk_job, body = excluded.body",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (request_id) {conflict}",
         decisions_table(g)
     ))
     .bind(d.request_id.as_str())
@@ -298,7 +306,19 @@ async fn record_decision(
     .bind(d.bulk_job.as_deref())
     .bind(body)
     .execute(&mut **tx)
-    .await?;
+    .await?
+    .rows_affected()
+        > 0;
+    if !inserted {
+        return Ok(false);
+    }
+    if how == Recorded::Replace {
+        // A rebuild may have decided the request itself before reading the decision given.
+        sqlx::query(&format!("DELETE FROM {} WHERE request_id = $1", links_table(g)))
+            .bind(d.request_id.as_str())
+            .execute(&mut **tx)
+            .await?;
+    }
     if d.outcome == MemberMatchOutcome::Matched {
         if let Some(pid) = &d.patient_id {
             sqlx::query(&format!(
@@ -347,7 +367,7 @@ async fn record_decision(
         }
         _ => {}
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The bulk output Group a decision puts its member in.
@@ -595,7 +615,7 @@ impl MemberMatchProjection {
         done.request_id = format!("{job}/completed");
         done.bulk_job = Some(job.to_string());
         done.bulk_total = i32::try_from(total).ok();
-        record_decision(tx, g, &done, None).await?;
+        record_decision(tx, g, &done, None, Recorded::IfNew).await?;
 
         let mut members = Vec::new();
         for row in sqlx::query(&format!(
@@ -745,11 +765,11 @@ impl Projection for MemberMatchProjection {
                     apply_change(tx, g, c).await?;
                 }
             } else if r.topic == self.decisions {
+                // Only a generation being built reads the decisions (see `live_topics`).
                 match schemas::decode_event::<MemberMatchDecided>(&r.value) {
-                    // Live, every decision comes back after it was recorded: only a rebuild (or
-                    // a crash between append and commit) finds one it does not hold.
-                    Ok(d) if self.holds(tx, g, &d.request_id).await? => {}
-                    Ok(d) => record_decision(tx, g, &d, None).await?,
+                    Ok(d) => {
+                        record_decision(tx, g, &d, None, Recorded::Replace).await?;
+                    }
                     Err(e) => {
                         tracing::error!(source = r.coordinates(), error = %e, "undecodable member-match decision skipped")
                     }
@@ -778,20 +798,6 @@ impl Projection for MemberMatchProjection {
 }
 
 impl MemberMatchProjection {
-    /// Whether a decision on `request_id` is recorded.
-    async fn holds(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        g: i64,
-        request_id: &str,
-    ) -> Result<bool, ProjectionError> {
-        let row = sqlx::query(&format!("SELECT 1 FROM {} WHERE request_id = $1", decisions_table(g)))
-            .bind(request_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-        Ok(row.is_some())
-    }
-
     async fn request(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -822,7 +828,8 @@ impl MemberMatchProjection {
                 .await?;
             return self.completion(tx, g, input, &ev.envelope, job).await;
         }
-        if self.holds(tx, g, &ev.envelope.event_id).await? {
+        let d = self.decide(tx, g, input, ev).await?;
+        if !record_decision(tx, g, &d, ev.member_patient.as_deref(), Recorded::IfNew).await? {
             // Rebuilding: the decision came first from the decisions topic, which carries no
             // demographics; the bulk output needs this member's MemberPatient.
             if let (Some(job), Some(index)) = (&ev.bulk_job, ev.bulk_index) {
@@ -838,8 +845,6 @@ impl MemberMatchProjection {
             }
             return Ok(Vec::new());
         }
-        let d = self.decide(tx, g, input, ev).await?;
-        record_decision(tx, g, &d, ev.member_patient.as_deref()).await?;
         metrics::counter!("payerx_member_match_decisions_total", "outcome" => d.outcome.as_str()).increment(1);
         let mut out = vec![self.decision_record(&d)?];
         if let Some(job) = &ev.bulk_job {
