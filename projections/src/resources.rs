@@ -266,7 +266,7 @@ pub(crate) enum Params {
 }
 
 impl Params {
-    pub(crate) fn of(tx: &Transaction<'static, Any>) -> Params {
+    pub(crate) fn of(tx: &Transaction<'_, Any>) -> Params {
         if tx.backend_name().eq_ignore_ascii_case("sqlite") {
             Params::Positional
         } else {
@@ -299,7 +299,7 @@ impl ResourceProjection {
     /// Event ids among `ids` that this generation has applied already.
     async fn already_applied(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         hist_t: &str,
         ids: &[&str],
     ) -> Result<HashSet<String>, ProjectionError> {
@@ -323,7 +323,7 @@ impl ResourceProjection {
     /// The current version of every resource in `keys` that exists.
     async fn load_currents(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         cur_t: &str,
         keys: &HashSet<Key>,
     ) -> Result<HashMap<Key, Current>, ProjectionError> {
@@ -357,7 +357,7 @@ impl ResourceProjection {
 
     async fn write_rows(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         generation: i64,
         rows: &[VersionRow],
     ) -> Result<(), ProjectionError> {
@@ -467,7 +467,7 @@ fn decide_batch(
 }
 
 async fn record_outcomes(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Transaction<'_, Any>,
     outcomes: &[(String, WriteOutcome)],
 ) -> Result<(), ProjectionError> {
     let now = schemas::events::now_micros();
@@ -530,7 +530,7 @@ impl Projection for ResourceProjection {
 
     async fn apply(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         generation: i64,
         records: &[Consumed],
     ) -> Result<Applied, ProjectionError> {

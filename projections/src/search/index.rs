@@ -112,7 +112,7 @@ pub(crate) fn prepare(currents: &[Current<'_>]) -> Result<Prepared, ProjectionEr
 
 /// Replaces the index rows of the resources `prepared` was made from.
 pub(crate) async fn write(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Transaction<'_, Any>,
     generation: i64,
     prepared: Prepared,
 ) -> Result<(), ProjectionError> {
