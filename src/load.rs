@@ -95,11 +95,42 @@ fn upsert(mut resource: Value, raw: Option<&str>, correlation: &str) -> Result<R
     };
     processors::validate_processor::check_resource(&resource, &change.resource_type, &change.resource_id, None)?;
     let text = raw.map_or_else(|| resource.to_string(), str::to_string);
-    let change = ResourceChange { resource: Some(text), ..change };
-    Ok(ResourceChanged {
+    Ok(entry_event(ResourceChange { resource: Some(text), ..change }, correlation))
+}
+
+fn entry_event(change: ResourceChange, correlation: &str) -> ResourceChanged {
+    ResourceChanged {
         envelope: Envelope::new(ResourceChanged::EVENT_TYPE, 1, correlation.to_string(), Some("payerx-load".into())),
         mode: WriteMode::BatchEntry,
         changes: vec![change],
+    }
+}
+
+/// The common NDJSON line, a resource with an id, checked on a tree that borrows from the line
+/// and stored as the line itself: no `serde_json::Value` is built (that cost more than the
+/// check). `None` for everything else (not JSON, a Bundle, no id), which [`items_of`] handles
+/// with the same outcome it always had.
+fn resource_line(text: &str, origin: &str, correlation: &str) -> Option<Item> {
+    use processors::validate::Json;
+    let doc = Json::parse(text).ok()?;
+    let rtype = doc.get("resourceType").and_then(Json::as_str).unwrap_or("");
+    if rtype == "Bundle" {
+        return None;
+    }
+    let id = doc.get("id").and_then(Json::as_str)?;
+    Some(match processors::validate_processor::check_json(&doc, rtype, id, None) {
+        Ok(()) => Item::Event(entry_event(
+            ResourceChange {
+                action: ChangeAction::Upsert,
+                resource_type: rtype.to_string(),
+                resource_id: id.to_string(),
+                resource: Some(text.trim().to_string()),
+                if_match: None,
+                created: false,
+            },
+            correlation,
+        )),
+        Err(oo) => Item::Rejected(origin.to_string(), oo),
     })
 }
 
@@ -215,9 +246,12 @@ fn prepare(chunk: Vec<Raw>, correlation: &str, topic: &str) -> (Vec<Record>, Vec
     let not_json = |e: String| OperationOutcome::error(schemas::IssueType::Structure, format!("not valid JSON: {e}"));
     for raw in chunk {
         let items = match raw {
-            Raw::Line { origin, text } => match serde_json::from_str::<Value>(&text) {
-                Ok(doc) => items_of(doc, Some(text.trim()), &origin, correlation),
-                Err(e) => vec![Item::Rejected(origin, not_json(e.to_string()))],
+            Raw::Line { origin, text } => match resource_line(&text, &origin, correlation) {
+                Some(item) => vec![item],
+                None => match serde_json::from_str::<Value>(&text) {
+                    Ok(doc) => items_of(doc, Some(text.trim()), &origin, correlation),
+                    Err(e) => vec![Item::Rejected(origin, not_json(e.to_string()))],
+                },
             },
             Raw::Document { origin, doc: Ok(doc) } => items_of(doc, None, &origin, correlation),
             Raw::Document { origin, doc: Err(e) } => vec![Item::Rejected(origin, not_json(e))],

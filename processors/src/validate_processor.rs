@@ -7,7 +7,8 @@ use runtime::{Consumed, ProcessError, Processor, Record};
 use schemas::topics::{self, headers};
 use schemas::{ChangeAction, IssueType, OperationOutcome, ResourceChange, ResourceChanged};
 
-use crate::validate::{is_resource_type, is_valid_id, validate_resource};
+use crate::validate::{is_resource_type, is_valid_id, validate_json, validate_resource, Json};
+use schemas::outcome::Issue;
 
 /// Checks one change. `prefix` names where it sits in the request (e.g. `Bundle.entry[2]`), so
 /// issue expressions point at the exact element.
@@ -37,11 +38,17 @@ pub fn check_change(change: &ResourceChange, prefix: Option<&str>) -> Result<(),
                 return Err(OperationOutcome::error(IssueType::Required, "an upsert needs a resource body")
                     .at(at(&change.resource_type)));
             };
-            let value: serde_json::Value = serde_json::from_str(body).map_err(|e| {
-                OperationOutcome::error(IssueType::Structure, format!("resource is not valid JSON: {e}"))
-                    .at(at(&change.resource_type))
-            })?;
-            check_resource(&value, &change.resource_type, &change.resource_id, prefix)
+            match Json::parse(body) {
+                Ok(value) => check_json(&value, &change.resource_type, &change.resource_id, prefix),
+                Err(_) => {
+                    // The error as `serde_json::Value` words it (the message clients always got).
+                    let e = serde_json::from_str::<serde_json::Value>(body)
+                        .err()
+                        .map_or_else(String::new, |e| e.to_string());
+                    Err(OperationOutcome::error(IssueType::Structure, format!("resource is not valid JSON: {e}"))
+                        .at(at(&change.resource_type)))
+                }
+            }
         }
     }
 }
@@ -53,11 +60,28 @@ pub fn check_resource(
     id: &str,
     prefix: Option<&str>,
 ) -> Result<(), OperationOutcome> {
+    let member = |k: &str| value.get(k).and_then(|v| v.as_str());
+    check(member("resourceType"), member("id"), rtype, id, prefix, || validate_resource(value))
+}
+
+/// [`check_resource`] for a resource parsed with [`Json::parse`] (no `serde_json::Value` built).
+pub fn check_json(value: &Json, rtype: &str, id: &str, prefix: Option<&str>) -> Result<(), OperationOutcome> {
+    let member = |k: &str| value.get(k).and_then(Json::as_str);
+    check(member("resourceType"), member("id"), rtype, id, prefix, || validate_json(value))
+}
+
+fn check(
+    body_type: Option<&str>,
+    body_id: Option<&str>,
+    rtype: &str,
+    id: &str,
+    prefix: Option<&str>,
+    validate: impl FnOnce() -> Result<(), Vec<Issue>>,
+) -> Result<(), OperationOutcome> {
     let at = |expr: &str| match prefix {
         Some(p) => rebase(expr, rtype, p),
         None => expr.to_string(),
     };
-    let body_type = value.get("resourceType").and_then(|v| v.as_str());
     if body_type != Some(rtype) {
         return Err(OperationOutcome::error(
             IssueType::Invalid,
@@ -68,7 +92,7 @@ pub fn check_resource(
         )
         .at(at("resourceType")));
     }
-    match value.get("id").and_then(|v| v.as_str()) {
+    match body_id {
         Some(body_id) if body_id == id => {}
         Some(body_id) => {
             return Err(OperationOutcome::error(
@@ -83,7 +107,7 @@ pub fn check_resource(
             )
         }
     }
-    validate_resource(value).map_err(|issues| {
+    validate().map_err(|issues| {
         let mut oo = OperationOutcome { issue: Vec::with_capacity(issues.len()) };
         for mut i in issues {
             if let Some(p) = prefix {

@@ -72,14 +72,18 @@ impl Db {
 }
 
 impl Db {
-    /// A transaction that will write. On SQLite it takes the write lock up front (`BEGIN
+    /// A transaction that will write, on `conn`. On SQLite it takes the write lock up front (`BEGIN
     /// IMMEDIATE`): a deferred transaction that read first fails at its first write with
     /// "database is locked" whenever another writer committed in between (busy_timeout does not
     /// apply to that case), and several projections write the same file.
-    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    pub async fn begin_write<'c>(
+        &self,
+        conn: &'c mut sqlx::AnyConnection,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>, sqlx::Error> {
+        use sqlx::Connection;
         match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
+            Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => conn.begin().await,
         }
     }
 

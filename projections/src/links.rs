@@ -402,7 +402,7 @@ fn json_err(e: serde_json::Error) -> ProjectionError {
     ProjectionError::Other(e.to_string())
 }
 
-async fn load_state(tx: &mut Transaction<'static, Any>, g: i64, tracking: &str) -> Result<LinkState, ProjectionError> {
+async fn load_state(tx: &mut Transaction<'_, Any>, g: i64, tracking: &str) -> Result<LinkState, ProjectionError> {
     let mut state = LinkState::default();
     for row in sqlx::query(&format!("SELECT body FROM {} WHERE tracking_id = $1 ORDER BY seq", cases_table(g)))
         .bind(tracking)
@@ -428,7 +428,7 @@ async fn load_state(tx: &mut Transaction<'static, Any>, g: i64, tracking: &str) 
 }
 
 async fn save_state(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Transaction<'_, Any>,
     g: i64,
     tracking: &str,
     before: &LinkState,
@@ -651,7 +651,7 @@ impl Projection for LinkProjection {
 
     async fn apply(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         g: i64,
         records: &[Consumed],
     ) -> Result<Applied, ProjectionError> {

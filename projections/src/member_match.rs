@@ -119,13 +119,13 @@ fn date_of(micros: i64) -> String {
 
 // ---- the member index ----
 
-async fn forget_source(tx: &mut Transaction<'static, Any>, g: i64, source: &str) -> Result<(), ProjectionError> {
+async fn forget_source(tx: &mut Transaction<'_, Any>, g: i64, source: &str) -> Result<(), ProjectionError> {
     sqlx::query(&format!("DELETE FROM {} WHERE source = $1", ids_table(g))).bind(source).execute(&mut **tx).await?;
     Ok(())
 }
 
 async fn index_ids(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Transaction<'_, Any>,
     g: i64,
     source: &str,
     patient_id: &str,
@@ -146,7 +146,7 @@ async fn index_ids(
     Ok(())
 }
 
-async fn apply_change(tx: &mut Transaction<'static, Any>, g: i64, c: &ResourceChange) -> Result<(), ProjectionError> {
+async fn apply_change(tx: &mut Transaction<'_, Any>, g: i64, c: &ResourceChange) -> Result<(), ProjectionError> {
     let content = match (c.action, &c.resource) {
         (ChangeAction::Upsert, Some(text)) => Some(serde_json::from_str::<Value>(text).map_err(json_err)?),
         _ => None,
@@ -201,7 +201,7 @@ async fn apply_change(tx: &mut Transaction<'static, Any>, g: i64, c: &ResourceCh
 
 /// Members reached through the probe's identifiers (directly, or as a Coverage's beneficiary).
 async fn by_identifier(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Transaction<'_, Any>,
     g: i64,
     ids: &[IdKey],
 ) -> Result<Vec<MemberRecord>, ProjectionError> {
@@ -235,7 +235,7 @@ async fn by_identifier(
 }
 
 async fn by_demographics(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Transaction<'_, Any>,
     g: i64,
     member: &MemberRecord,
 ) -> Result<Vec<MemberRecord>, ProjectionError> {
@@ -275,7 +275,7 @@ enum Recorded {
 }
 
 async fn record_decision(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Transaction<'_, Any>,
     g: i64,
     d: &MemberMatchDecided,
     member_patient: Option<&str>,
@@ -423,7 +423,7 @@ impl MemberMatchProjection {
     /// The earlier decision on the same content from the same client, within the retry window.
     async fn earlier(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         g: i64,
         ev: &MemberMatchRequested,
     ) -> Result<Option<MemberMatchDecided>, ProjectionError> {
@@ -444,7 +444,7 @@ impl MemberMatchProjection {
     /// Seconds until the client may try again, when its failed attempts reached the limit.
     async fn throttled(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         g: i64,
         ev: &MemberMatchRequested,
     ) -> Result<Option<i64>, ProjectionError> {
@@ -470,7 +470,7 @@ impl MemberMatchProjection {
     /// Decides one request against the index.
     async fn decide(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         g: i64,
         input: &Consumed,
         ev: &MemberMatchRequested,
@@ -575,7 +575,7 @@ impl MemberMatchProjection {
     /// (stored as a FHIR resource through the payer feed, readable at `/fhir/Group/{job}`).
     async fn completion(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         g: i64,
         input: &Consumed,
         env: &Envelope,
@@ -753,7 +753,7 @@ impl Projection for MemberMatchProjection {
 
     async fn apply(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         g: i64,
         records: &[Consumed],
     ) -> Result<Applied, ProjectionError> {
@@ -800,7 +800,7 @@ impl Projection for MemberMatchProjection {
 impl MemberMatchProjection {
     async fn request(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         g: i64,
         input: &Consumed,
         ev: &MemberMatchRequested,

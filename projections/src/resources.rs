@@ -266,7 +266,7 @@ pub(crate) enum Params {
 }
 
 impl Params {
-    pub(crate) fn of(tx: &Transaction<'static, Any>) -> Params {
+    pub(crate) fn of(tx: &Transaction<'_, Any>) -> Params {
         if tx.backend_name().eq_ignore_ascii_case("sqlite") {
             Params::Positional
         } else {
@@ -299,7 +299,7 @@ impl ResourceProjection {
     /// Event ids among `ids` that this generation has applied already.
     async fn already_applied(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         hist_t: &str,
         ids: &[&str],
     ) -> Result<HashSet<String>, ProjectionError> {
@@ -323,7 +323,7 @@ impl ResourceProjection {
     /// The current version of every resource in `keys` that exists.
     async fn load_currents(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         cur_t: &str,
         keys: &HashSet<Key>,
     ) -> Result<HashMap<Key, Current>, ProjectionError> {
@@ -357,10 +357,9 @@ impl ResourceProjection {
 
     async fn write_rows(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         generation: i64,
         rows: &[VersionRow],
-        live_before: &HashSet<Key>,
     ) -> Result<(), ProjectionError> {
         let hist_t = history_table(generation);
         let cur_t = current_table(generation);
@@ -384,14 +383,7 @@ impl ResourceProjection {
             }
             q.execute(&mut **tx).await?;
         }
-        // The newest version of each resource becomes its current row (one row per key: a
-        // multi-row upsert may not touch a row twice).
-        let mut last: HashMap<(&str, &str), &VersionRow> = HashMap::with_capacity(rows.len());
-        for r in rows {
-            last.insert((r.resource_type.as_str(), r.id.as_str()), r);
-        }
-        let finals: Vec<&VersionRow> = last.into_values().collect();
-        for chunk in finals.chunks(CHUNK) {
+        for chunk in finals(rows).chunks(CHUNK) {
             let sql = format!(
                 "INSERT INTO {cur_t} (resource_type, id, version_id, last_updated, last_updated_us, deleted, content) VALUES {}
                  ON CONFLICT (resource_type, id) DO UPDATE SET version_id = excluded.version_id, last_updated = excluded.last_updated,
@@ -411,23 +403,71 @@ impl ResourceProjection {
             }
             q.execute(&mut **tx).await?;
         }
-        // Search index rows follow the current rows, in the same transaction.
-        let changed: Vec<search::index::Current> = finals
-            .iter()
-            .map(|r| search::index::Current {
-                resource_type: &r.resource_type,
-                id: &r.id,
-                content: r.content.as_deref(),
-                had_rows: live_before.contains(&(r.resource_type.clone(), r.id.clone())),
-            })
-            .collect();
-        search::index::replace(tx, generation, &changed).await?;
         Ok(())
     }
 }
 
+/// The newest version of each resource in `rows`: its current row (one per key, since a
+/// multi-row upsert may not touch a row twice) and what its search index rows come from.
+fn finals(rows: &[VersionRow]) -> Vec<&VersionRow> {
+    let mut last: HashMap<(&str, &str), &VersionRow> = HashMap::with_capacity(rows.len());
+    for r in rows {
+        last.insert((r.resource_type.as_str(), r.id.as_str()), r);
+    }
+    last.into_values().collect()
+}
+
+/// One consumed event, as the pure part of `apply` sees it.
+enum Work {
+    Change(ResourceChanged),
+    /// A dead-lettered submission: its outcome, keyed by the submission.
+    Refused(String, WriteOutcome),
+}
+
+/// What a batch does to the view.
+type Decided = (Vec<VersionRow>, Vec<(String, WriteOutcome)>, search::index::Prepared);
+
+/// Decides every event of a batch against the current versions, stamps the new versions and
+/// works out their search index rows. Pure CPU work, run on a blocking thread.
+fn decide_batch(
+    work: Vec<Work>,
+    mut applied: HashSet<String>,
+    mut currents: HashMap<Key, Current>,
+    live_before: &HashSet<Key>,
+) -> Result<Decided, ProjectionError> {
+    let mut rows = Vec::new();
+    let mut outcomes = Vec::with_capacity(work.len());
+    for w in work {
+        match w {
+            Work::Change(ev) => {
+                // A redelivered event (same id) was applied already: applying it again would
+                // create a second version.
+                if !applied.insert(ev.envelope.event_id.clone()) {
+                    continue;
+                }
+                let outcome = decide(&ev, &mut currents, &mut rows);
+                // Keyed by the submission the client waits on, not by this derived event.
+                outcomes.push((ev.envelope.origin_id().to_string(), outcome));
+            }
+            Work::Refused(origin, outcome) => outcomes.push((origin, outcome)),
+        }
+    }
+    // Search index rows follow the current rows, in the same transaction.
+    let changed: Vec<search::index::Current> = finals(&rows)
+        .into_iter()
+        .map(|r| search::index::Current {
+            resource_type: &r.resource_type,
+            id: &r.id,
+            content: r.content.as_deref(),
+            had_rows: live_before.contains(&(r.resource_type.clone(), r.id.clone())),
+        })
+        .collect();
+    let index = search::index::prepare(&changed)?;
+    Ok((rows, outcomes, index))
+}
+
 async fn record_outcomes(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Transaction<'_, Any>,
     outcomes: &[(String, WriteOutcome)],
 ) -> Result<(), ProjectionError> {
     let now = schemas::events::now_micros();
@@ -490,7 +530,7 @@ impl Projection for ResourceProjection {
 
     async fn apply(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         generation: i64,
         records: &[Consumed],
     ) -> Result<Applied, ProjectionError> {
@@ -509,26 +549,21 @@ impl Projection for ResourceProjection {
         let is_change = |r: &Consumed| r.topic == self.changes;
         let ids: Vec<&str> =
             events.iter().filter(|(r, _)| is_change(r)).map(|(_, ev)| ev.envelope.event_id.as_str()).collect();
-        // A redelivered event (same id) was applied already: applying it again would create a
-        // second version.
-        let mut applied = self.already_applied(tx, &history_table(generation), &ids).await?;
+        let applied = self.already_applied(tx, &history_table(generation), &ids).await?;
         let keys: HashSet<Key> = events
             .iter()
             .filter(|(r, _)| is_change(r))
             .flat_map(|(_, ev)| ev.changes.iter().map(|c| (c.resource_type.clone(), c.resource_id.clone())))
             .collect();
-        let mut currents = self.load_currents(tx, &current_table(generation), &keys).await?;
+        let currents = self.load_currents(tx, &current_table(generation), &keys).await?;
         // Resources with index rows now: only those need their rows deleted before new ones.
         let live_before: HashSet<Key> = currents.iter().filter(|(_, c)| !c.deleted).map(|(k, _)| k.clone()).collect();
-        let mut rows = Vec::new();
-        let mut outcomes = Vec::with_capacity(events.len());
-        for (r, ev) in &events {
-            let outcome = if is_change(r) {
-                if !applied.insert(ev.envelope.event_id.clone()) {
-                    continue;
+        let work: Vec<Work> = events
+            .into_iter()
+            .map(|(r, ev)| {
+                if is_change(r) {
+                    return Work::Change(ev);
                 }
-                decide(ev, &mut currents, &mut rows)
-            } else {
                 let oo = r
                     .header(headers::ERROR_OUTCOME)
                     .and_then(|s| serde_json::from_str::<Value>(s).ok())
@@ -539,12 +574,20 @@ impl Projection for ResourceProjection {
                         )
                         .to_json()
                     });
-                WriteOutcome { status: 400, entries: vec![], outcome: Some(oo) }
-            };
-            // Keyed by the submission the client waits on, not by this derived event.
-            outcomes.push((ev.envelope.origin_id().to_string(), outcome));
-        }
-        self.write_rows(tx, generation, &rows, &live_before).await?;
+                Work::Refused(
+                    ev.envelope.origin_id().to_string(),
+                    WriteOutcome { status: 400, entries: vec![], outcome: Some(oo) },
+                )
+            })
+            .collect();
+        // Stamping and index extraction take tens of milliseconds per batch: kept off the async
+        // workers, which serve requests and run the other stages meanwhile.
+        let (rows, outcomes, index) =
+            tokio::task::spawn_blocking(move || decide_batch(work, applied, currents, &live_before))
+                .await
+                .map_err(|e| ProjectionError::Other(format!("the projection's batch task failed: {e}")))??;
+        self.write_rows(tx, generation, &rows).await?;
+        search::index::write(tx, generation, index).await?;
         record_outcomes(tx, &outcomes).await?;
         Ok(Applied { outcomes, emit: Vec::new() })
     }

@@ -36,7 +36,7 @@ pub trait Projection: Send + Sync + 'static {
     /// the transaction has committed, and the events the projection decided to emit.
     async fn apply(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        tx: &mut Transaction<'_, Any>,
         generation: i64,
         records: &[Consumed],
     ) -> Result<Applied, ProjectionError>;
@@ -231,6 +231,12 @@ impl ProjectionWorker {
         }
         let mut applied: i64 = assignment.iter().map(|(_, _, o)| *o).sum();
         let mut consumer = self.log.assigned_consumer(&assignment).await?;
+        // Every batch on one connection of its own: SQLite keeps a connection's page cache only
+        // while no other connection writes, and the pool hands out its connections in turn, so
+        // each batch started on a cold cache. Detached, it does not count against the pool, so
+        // readers (and this worker's own queries below) never wait for it. An error drops it
+        // with this call; the retry opens another.
+        let mut conn = self.db.pool.acquire().await?.detach();
         let mut last_check = Instant::now();
         loop {
             if done(applied) {
@@ -250,7 +256,7 @@ impl ProjectionWorker {
             if batch.is_empty() {
                 continue;
             }
-            let mut tx = self.db.begin_write().await?;
+            let mut tx = self.db.begin_write(&mut conn).await?;
             if pinned.is_none() {
                 // Checked inside the transaction, so a swap committed by a replay is never missed.
                 let active: i64 = sqlx::query("SELECT active FROM view_generations WHERE projection = $1")

@@ -94,6 +94,10 @@ async fn every_parameter_type(h: Harness) {
     assert_eq!(found(&h, "Patient?family:exact=muller").await, set(&[]));
     assert_eq!(found(&h, "Patient?family:contains=smith").await, set(&["p2", "p3"]));
     assert_eq!(found(&h, "Patient?given=jos").await, set(&["p1"]));
+    // `name` covers `family` and `given`, whose values are stored once (registry::COVERS).
+    assert_eq!(found(&h, "Patient?name=eve").await, set(&["p3"]));
+    assert_eq!(found(&h, "Patient?name:exact=Smith").await, set(&["p3"]));
+    assert_eq!(found(&h, "Patient?name:missing=true").await, set(&["p4"]));
     assert_eq!(found(&h, "Organization?name=acme%20health").await, set(&["o1"]));
     // token: code, system|code, |code, system|; OR with commas, AND with repeats
     assert_eq!(found(&h, "Patient?identifier=A1").await, set(&["p1", "p3", "p4"]));
@@ -172,6 +176,15 @@ async fn paging_neither_repeats_nor_drops_while_writing(h: Harness) {
         put(&h, cov(&format!("c{i:02}"), "active")).await;
     }
     put(&h, cov("x-cancelled", "cancelled")).await;
+    // Coverage `patient` and `beneficiary` are one element, stored once (registry::COVERS).
+    for q in ["patient=p", "beneficiary=Patient/p", "patient:missing=false"] {
+        let b = h.get_json(&format!("/fhir/Coverage?status=cancelled&{q}")).await.1;
+        assert_eq!(ids(&b, "match"), ["Coverage/x-cancelled"], "{q}");
+    }
+    put(&h, j!({"resourceType": "Patient", "id": "p"})).await;
+    let b = h.get_json("/fhir/Coverage?_id=x-cancelled&_include=Coverage:patient").await.1;
+    assert_eq!(ids(&b, "match"), ["Coverage/x-cancelled"]);
+    assert_eq!(ids(&b, "include"), ["Patient/p"]);
     let mut seen: Vec<String> = vec![];
     let mut url = h.url("/fhir/Coverage?status=active&_count=10");
     let mut pages = 0;

@@ -26,15 +26,19 @@
 
 mod primitive;
 mod table;
+mod tree;
 
 #[cfg(test)]
 mod tests;
 
 use schemas::outcome::{Issue, IssueSeverity, IssueType};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use primitive::{JsonRepr, Prim};
 use table::{Elem, Index, Kind, Max, Slot};
+use tree::{Tree, View};
+
+pub use tree::Json;
 
 /// Issues reported per resource at most.
 pub const MAX_ISSUES: usize = 100;
@@ -48,7 +52,23 @@ const MAX_DEPTH: usize = 96;
 /// element by FHIRPath-like expression, e.g. `Patient.birthDate`, `Patient.name[0].given[1]`,
 /// `ExplanationOfBenefit.item[2].servicedDate`.
 pub fn validate_resource(resource: &Value) -> Result<(), Vec<Issue>> {
-    let mut w = Walker { idx: Index::get(), path: Vec::with_capacity(16), issues: Vec::new(), depth: 0 };
+    walk(resource)
+}
+
+/// [`validate_resource`] over a tree parsed with [`Json::parse`]: the same rules and issues,
+/// without building a `serde_json::Value` first.
+pub fn validate_json(resource: &Json) -> Result<(), Vec<Issue>> {
+    walk(resource)
+}
+
+fn walk<T: Tree>(resource: &T) -> Result<(), Vec<Issue>> {
+    let mut w = Walker {
+        idx: Index::get(),
+        _tree: std::marker::PhantomData,
+        path: Vec::with_capacity(16),
+        issues: Vec::new(),
+        depth: 0,
+    };
     w.resource(resource);
     if w.issues.is_empty() {
         Ok(())
@@ -81,31 +101,34 @@ enum Seg<'a> {
     Idx(usize),
 }
 
-struct Walker<'a> {
+struct Walker<'a, T: Tree> {
     idx: &'static Index,
+    _tree: std::marker::PhantomData<&'a T>,
     path: Vec<Seg<'a>>,
     issues: Vec<Issue>,
     depth: usize,
 }
 
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+fn json_kind<T: Tree>(v: &T) -> &'static str {
+    match v.view() {
+        View::Null => "null",
+        View::Bool(_) => "a boolean",
+        View::Number(_) => "a number",
+        View::String(_) => "a string",
+        View::Array(_) => "an array",
+        View::Object(_) => "an object",
     }
 }
 
 /// A short rendering of a value for diagnostics.
-fn show(v: &Value) -> String {
-    match v {
-        Value::String(s) => quote(s),
-        Value::Array(_) => "[...]".to_string(),
-        Value::Object(_) => "{...}".to_string(),
-        other => other.to_string(),
+fn show<T: Tree>(v: &T) -> String {
+    match v.view() {
+        View::String(s) => quote(s),
+        View::Array(_) => "[...]".to_string(),
+        View::Object(_) => "{...}".to_string(),
+        View::Null => "null".to_string(),
+        View::Bool(b) => b.to_string(),
+        View::Number(n) => n.to_string(),
     }
 }
 
@@ -128,7 +151,7 @@ fn cardinality(min: u32, max: Max) -> String {
     }
 }
 
-impl<'a> Walker<'a> {
+impl<'a, T: Tree> Walker<'a, T> {
     // ---- paths and issues -------------------------------------------------------------------
 
     fn path_string(&self) -> String {
@@ -191,9 +214,9 @@ impl<'a> Walker<'a> {
     // ---- resources ----------------------------------------------------------------------------
 
     /// A resource: the root, or nested (contained, Bundle.entry.resource, ...) at the current path.
-    fn resource(&mut self, v: &'a Value) {
+    fn resource(&mut self, v: &'a T) {
         let root = self.path.is_empty();
-        let Value::Object(obj) = v else {
+        let View::Object(obj) = v.view() else {
             let what = if root { "A resource".to_string() } else { self.path_string() };
             self.here(
                 IssueType::Structure,
@@ -202,13 +225,15 @@ impl<'a> Walker<'a> {
             return;
         };
         let where_ = if root { "The resource".to_string() } else { self.path_string() };
-        let rt = match obj.get("resourceType") {
+        let rt_value = T::get(obj, "resourceType");
+        let rt = match rt_value.map(T::view) {
             None => {
                 self.here(IssueType::Required, format!("{where_} has no resourceType"));
                 return;
             }
-            Some(Value::String(s)) => s.as_str(),
-            Some(other) => {
+            Some(View::String(s)) => s,
+            Some(_) => {
+                let other = rt_value.map_or("null", json_kind);
                 let p = self.child_path("resourceType");
                 self.report(
                     IssueType::Invalid,
@@ -216,7 +241,7 @@ impl<'a> Walker<'a> {
                     format!(
                         "{}resourceType must be a string naming an R4 resource type, found {}",
                         if root { String::new() } else { format!("{where_}: ") },
-                        json_kind(other)
+                        other
                     ),
                 );
                 return;
@@ -248,7 +273,7 @@ impl<'a> Walker<'a> {
     // ---- objects --------------------------------------------------------------------------------
 
     /// The properties of an object of type `ty` (its path is the current path).
-    fn object(&mut self, obj: &'a Map<String, Value>, ty: u16, is_resource: bool) {
+    fn object(&mut self, obj: &'a T::Obj, ty: u16, is_resource: bool) {
         if self.depth >= MAX_DEPTH {
             self.here(
                 IssueType::Structure,
@@ -264,7 +289,7 @@ impl<'a> Walker<'a> {
         let mut chosen: [(u16, &'a str); 8] = [(u16::MAX, ""); 8];
         let mut n_chosen = 0usize;
 
-        for (key, v) in obj {
+        for (key, v) in T::members(obj) {
             if self.full() {
                 break;
             }
@@ -273,7 +298,7 @@ impl<'a> Walker<'a> {
             }
             let (name, is_ext) = match key.strip_prefix('_') {
                 Some(base) => (base, true),
-                None => (key.as_str(), false),
+                None => (key, false),
             };
             let Some(elem) = td.elems.get(name).copied() else {
                 let owner = self.describe_owner(td.name);
@@ -360,9 +385,9 @@ impl<'a> Walker<'a> {
     }
 
     /// The value of JSON property `name` (not `_name`), at the current path.
-    fn element(&mut self, parent: &'a Map<String, Value>, name: &str, v: &'a Value, elem: Elem, slot: &Slot) {
-        match v {
-            Value::Array(items) => {
+    fn element(&mut self, parent: &'a T::Obj, name: &str, v: &'a T, elem: Elem, slot: &Slot) {
+        match v.view() {
+            View::Array(items) => {
                 if !elem.max.is_array() {
                     self.here(
                         IssueType::Structure,
@@ -405,7 +430,7 @@ impl<'a> Walker<'a> {
                         return;
                     }
                     self.path.push(Seg::Idx(i));
-                    if item.is_null() {
+                    if matches!(item.view(), View::Null) {
                         self.null_in_array(parent, name, i, elem);
                     } else {
                         self.value(item, elem.kind);
@@ -423,7 +448,7 @@ impl<'a> Walker<'a> {
                     ),
                 );
             }
-            Value::Null => {
+            View::Null => {
                 self.here(
                     IssueType::Structure,
                     format!("{} is null: null is not allowed (omit the element instead)", self.path_string()),
@@ -434,7 +459,7 @@ impl<'a> Walker<'a> {
     }
 
     /// `null` at `name[i]`: only allowed for a primitive whose `_name[i]` carries id/extensions.
-    fn null_in_array(&mut self, parent: &Map<String, Value>, name: &str, i: usize, elem: Elem) {
+    fn null_in_array(&mut self, parent: &T::Obj, name: &str, i: usize, elem: Elem) {
         if !matches!(elem.kind, Kind::Prim(_)) {
             self.here(
                 IssueType::Structure,
@@ -442,11 +467,12 @@ impl<'a> Walker<'a> {
             );
             return;
         }
-        let paired = parent
-            .get(&format!("_{name}"))
-            .and_then(Value::as_array)
-            .and_then(|a| a.get(i))
-            .is_some_and(Value::is_object);
+        let paired = T::get(parent, &format!("_{name}"))
+            .and_then(|a| match a.view() {
+                View::Array(items) => items.get(i),
+                _ => None,
+            })
+            .is_some_and(|v| matches!(v.view(), View::Object(_)));
         if !paired {
             self.here(
                 IssueType::Structure,
@@ -456,25 +482,26 @@ impl<'a> Walker<'a> {
     }
 
     /// One value (not an array) of the given kind, at the current path.
-    fn value(&mut self, v: &'a Value, kind: Kind) {
+    fn value(&mut self, v: &'a T, kind: Kind) {
         match kind {
             Kind::Prim(p) => self.primitive(v, p),
             Kind::Resource => self.resource(v),
-            Kind::Complex(t) => match v {
-                Value::Object(o) if o.is_empty() => {
+            Kind::Complex(t) => match v.view() {
+                View::Object(o) if T::is_empty(o) => {
                     self.here(
                         IssueType::Structure,
                         format!("{} is an empty object: an element must have content", self.path_string()),
                     );
                 }
-                Value::Object(o) => self.object(o, t, false),
-                Value::Null => {
+                View::Object(o) => self.object(o, t, false),
+                View::Null => {
                     self.here(
                         IssueType::Structure,
                         format!("{} is null: null is not allowed (omit the element instead)", self.path_string()),
                     );
                 }
-                other => {
+                _ => {
+                    let other = v;
                     let tn = self.idx.types[t as usize].name;
                     let tn = if tn.contains('.') { "a backbone element" } else { tn };
                     self.here(
@@ -486,11 +513,11 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn primitive(&mut self, v: &Value, p: Prim) {
-        match (p.repr(), v) {
-            (JsonRepr::Bool, Value::Bool(_)) => {}
-            (JsonRepr::Number, Value::Number(_)) => {}
-            (JsonRepr::Integer, Value::Number(n)) => {
+    fn primitive(&mut self, v: &T, p: Prim) {
+        match (p.repr(), v.view()) {
+            (JsonRepr::Bool, View::Bool(_)) => {}
+            (JsonRepr::Number, View::Number(_)) => {}
+            (JsonRepr::Integer, View::Number(n)) => {
                 let (lo, hi) = p.int_range();
                 match n.as_i64() {
                     Some(i) if (lo..=hi).contains(&i) => {}
@@ -519,7 +546,7 @@ impl<'a> Walker<'a> {
                     }
                 }
             }
-            (JsonRepr::String, Value::String(s)) => {
+            (JsonRepr::String, View::String(s)) => {
                 if s.is_empty() {
                     self.here(
                         IssueType::Value,
@@ -536,14 +563,15 @@ impl<'a> Walker<'a> {
                     );
                 }
             }
-            (repr, Value::Null) => {
+            (repr, View::Null) => {
                 let _ = repr;
                 self.here(
                     IssueType::Structure,
                     format!("{} is null: null is not allowed (omit the element instead)", self.path_string()),
                 );
             }
-            (repr, other) => {
+            (repr, _) => {
+                let other = v;
                 let want = match repr {
                     JsonRepr::Bool => "a JSON boolean (true or false)",
                     JsonRepr::Integer => "a JSON integer",
@@ -565,16 +593,16 @@ impl<'a> Walker<'a> {
     }
 
     /// `_name` (the current path is `name`): the primitive's id/extensions.
-    fn primitive_extension(&mut self, parent: &'a Map<String, Value>, name: &str, key: &str, v: &'a Value, elem: Elem) {
+    fn primitive_extension(&mut self, parent: &'a T::Obj, name: &str, key: &str, v: &'a T, elem: Elem) {
         let element = self.idx.element;
-        match v {
-            Value::Object(o) => {
+        match v.view() {
+            View::Object(o) => {
                 if elem.max.is_array() {
                     self.here(
                         IssueType::Structure,
                         format!("'{key}' must be an array lined up with '{name}' ({} repeats)", self.path_string()),
                     );
-                } else if o.is_empty() {
+                } else if T::is_empty(o) {
                     self.here(
                         IssueType::Structure,
                         format!("'{key}' is an empty object: it must carry an id or extensions"),
@@ -583,7 +611,7 @@ impl<'a> Walker<'a> {
                     self.object(o, element, false);
                 }
             }
-            Value::Array(items) => {
+            View::Array(items) => {
                 if !elem.max.is_array() {
                     self.here(
                         IssueType::Structure,
@@ -595,7 +623,10 @@ impl<'a> Walker<'a> {
                     self.here(IssueType::Structure, format!("'{key}' must not be an empty array (omit it instead)"));
                     return;
                 }
-                let values = parent.get(name).and_then(Value::as_array);
+                let values = T::get(parent, name).and_then(|vs| match vs.view() {
+                    View::Array(vs) => Some(vs),
+                    _ => None,
+                });
                 if let Some(values) = values {
                     if values.len() != items.len() {
                         self.here(
@@ -613,16 +644,16 @@ impl<'a> Walker<'a> {
                         return;
                     }
                     self.path.push(Seg::Idx(i));
-                    match item {
+                    match item.view() {
                         // null beside a null value is reported with the value (null_in_array)
-                        Value::Null if values.and_then(|vs| vs.get(i)).is_none() => {
+                        View::Null if values.and_then(|vs| vs.get(i)).is_none() => {
                             self.here(
                                 IssueType::Structure,
                                 format!("{} has neither a value nor extensions ('{key}[{i}]' is null and there is no '{name}[{i}]')", self.path_string()),
                             );
                         }
-                        Value::Null => {}
-                        Value::Object(o) if o.is_empty() => {
+                        View::Null => {}
+                        View::Object(o) if T::is_empty(o) => {
                             self.here(
                                 IssueType::Structure,
                                 format!(
@@ -630,8 +661,9 @@ impl<'a> Walker<'a> {
                                 ),
                             );
                         }
-                        Value::Object(o) => self.object(o, element, false),
-                        other => {
+                        View::Object(o) => self.object(o, element, false),
+                        _ => {
+                            let other = item;
                             self.here(
                                 IssueType::Structure,
                                 format!(
@@ -644,13 +676,13 @@ impl<'a> Walker<'a> {
                     self.path.pop();
                 }
             }
-            other => {
+            _ => {
                 self.here(
                     IssueType::Structure,
                     format!(
                         "'{key}' must be a JSON object holding the id/extensions of {}, found {}",
                         self.path_string(),
-                        json_kind(other)
+                        json_kind(v)
                     ),
                 );
             }

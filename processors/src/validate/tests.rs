@@ -4,7 +4,7 @@ use schemas::outcome::{Issue, IssueSeverity, IssueType};
 use serde_json::{json, Value};
 
 use super::table::Index;
-use super::{is_resource_type, is_valid_id, validate_resource, MAX_ISSUES};
+use super::{is_resource_type, is_valid_id, validate_json, validate_resource, Json, MAX_ISSUES};
 
 const SEEDS: [(&str, &str); 4] = [
     ("seed001-member-match-request.json", include_str!("testdata/seed001-member-match-request.json")),
@@ -20,14 +20,20 @@ fn parse(s: &str) -> Value {
     serde_json::from_str(s).expect("test fixture is JSON")
 }
 
+/// The issues found in `v`; every test also checks that the borrowed tree (`Json`, what load and
+/// the validate processor walk) gets exactly the same answer as `serde_json::Value`.
 fn issues(v: &Value) -> Vec<Issue> {
-    match validate_resource(v) {
+    let text = v.to_string();
+    let borrowed = validate_json(&Json::parse(&text).expect("serialized JSON parses"));
+    let found = match validate_resource(v) {
         Ok(()) => vec![],
         Err(issues) => {
             assert!(!issues.is_empty(), "Err must carry issues");
             issues
         }
-    }
+    };
+    assert_eq!(borrowed.err().unwrap_or_default(), found, "the two trees disagree on {text}");
+    found
 }
 
 fn assert_valid(name: &str, v: &Value) {

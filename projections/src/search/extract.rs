@@ -247,6 +247,16 @@ pub fn extract_value(resource: &Value) -> Vec<IndexEntry> {
         }
         out.extend(values.drain(..).map(|value| IndexEntry { param: p.code, value }));
     }
+    // A value a covered parameter holds is not stored again under the covering one: the planner
+    // reads both (registry::COVERS).
+    let mut covered: Vec<IndexEntry> = Vec::new();
+    for (_, code, narrower) in registry::COVERS.iter().filter(|(base, _, _)| *base == rtype) {
+        let held: Vec<&IndexValue> = out.iter().filter(|e| narrower.contains(&e.param)).map(|e| &e.value).collect();
+        covered.extend(out.iter().filter(|e| e.param == *code && held.contains(&&e.value)).cloned());
+    }
+    if !covered.is_empty() {
+        out.retain(|e| !covered.contains(e));
+    }
     if rtype != "Patient" {
         for pid in schemas::compartment::patients_of(resource) {
             out.push(IndexEntry {
@@ -326,7 +336,11 @@ mod tests {
             })
             .collect();
         assert_eq!(given, ["ana", "jose maria"]);
-        assert_eq!(of(&e, "name").len(), 4, "family, both given names and text");
+        // `name` covers family and given: only its other part (text) is stored under it again.
+        assert_eq!(
+            of(&e, "name"),
+            [IndexValue::String { normalized: "dr. jose muller".into(), exact: "Dr. José Müller".into() }]
+        );
         let Some(IndexValue::Date(r)) = of(&e, "birthdate").first().cloned() else { panic!("no birthdate") };
         assert_eq!(Some(r), dates::parse("1980-02"));
         assert!(of(&e, registry::COMPARTMENT).is_empty(), "a Patient is its own compartment");

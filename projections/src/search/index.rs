@@ -54,32 +54,23 @@ pub(crate) struct Current<'a> {
     pub had_rows: bool,
 }
 
-/// Replaces the index rows of every resource in `currents` (one entry per resource).
-pub(crate) async fn replace(
-    tx: &mut Transaction<'static, Any>,
-    generation: i64,
-    currents: &[Current<'_>],
-) -> Result<(), ProjectionError> {
-    let params = Params::of(tx);
-    let mut stale: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+/// The index rows of a batch, worked out off the async runtime (extraction is pure CPU work):
+/// the resources whose old rows go, and the new rows as JSON arrays ready to insert.
+#[derive(Default)]
+pub(crate) struct Prepared {
+    /// Resource ids by type whose existing rows are deleted first.
+    stale: BTreeMap<String, Vec<String>>,
+    /// `[[resource_type, id, param, value, system], …]`, at most `ROWS` rows each.
+    texts: Vec<String>,
+    /// `[[resource_type, id, param, lo, hi], …]`, at most `ROWS` rows each.
+    dates: Vec<String>,
+}
+
+/// Works out the index rows of every resource in `currents` (one entry per resource).
+pub(crate) fn prepare(currents: &[Current<'_>]) -> Result<Prepared, ProjectionError> {
+    let mut stale: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for c in currents.iter().filter(|c| c.had_rows) {
-        stale.entry(c.resource_type).or_default().push(c.id);
-    }
-    for table in tables(generation) {
-        for (rtype, ids) in &stale {
-            for chunk in ids.chunks(IDS) {
-                let sql = format!(
-                    "DELETE FROM {table} WHERE resource_type = {} AND id IN ({})",
-                    params.one(1),
-                    params.list(2, chunk.len())
-                );
-                let mut q = sqlx::query(&sql).bind(*rtype);
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q.execute(&mut **tx).await?;
-            }
-        }
+        stale.entry(c.resource_type.to_string()).or_default().push(c.id.to_string());
     }
     // (resource_type, id, param, value, system) and (resource_type, id, param, lo, hi).
     let mut texts: Vec<(&str, &str, &'static str, String, String)> = Vec::new();
@@ -111,10 +102,40 @@ pub(crate) async fn replace(
     }
     // Many small rows: sent as one JSON array per statement and unpacked by the database,
     // rather than as five bind parameters a row (binding dominated the projection's time).
+    let json = |e: serde_json::Error| ProjectionError::Other(e.to_string());
+    Ok(Prepared {
+        stale,
+        texts: texts.chunks(ROWS).map(serde_json::to_string).collect::<Result<_, _>>().map_err(json)?,
+        dates: dates.chunks(ROWS).map(serde_json::to_string).collect::<Result<_, _>>().map_err(json)?,
+    })
+}
+
+/// Replaces the index rows of the resources `prepared` was made from.
+pub(crate) async fn write(
+    tx: &mut Transaction<'_, Any>,
+    generation: i64,
+    prepared: Prepared,
+) -> Result<(), ProjectionError> {
+    let params = Params::of(tx);
+    for table in tables(generation) {
+        for (rtype, ids) in &prepared.stale {
+            for chunk in ids.chunks(IDS) {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE resource_type = {} AND id IN ({})",
+                    params.one(1),
+                    params.list(2, chunk.len())
+                );
+                let mut q = sqlx::query(&sql).bind(rtype.as_str());
+                for id in chunk {
+                    q = q.bind(id.as_str());
+                }
+                q.execute(&mut **tx).await?;
+            }
+        }
+    }
     let (t, d) = (text_table(generation), date_table(generation));
     let pg = params == Params::Numbered;
-    for chunk in texts.chunks(ROWS) {
-        let json = serde_json::to_string(chunk).map_err(|e| ProjectionError::Other(e.to_string()))?;
+    for json in prepared.texts {
         let sql = if pg {
             format!(
                 "INSERT INTO {t} (resource_type, id, param, value, system)
@@ -128,8 +149,7 @@ pub(crate) async fn replace(
         };
         sqlx::query(&sql).bind(json).execute(&mut **tx).await?;
     }
-    for chunk in dates.chunks(ROWS) {
-        let json = serde_json::to_string(chunk).map_err(|e| ProjectionError::Other(e.to_string()))?;
+    for json in prepared.dates {
         let sql = if pg {
             format!(
                 "INSERT INTO {d} (resource_type, id, param, lo, hi)

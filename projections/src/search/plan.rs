@@ -239,7 +239,7 @@ impl ResourceStore {
             let mut sql = Sql::new(backend);
             sql.push(&format!("SELECT i.system, i.value FROM {idx} i WHERE i.resource_type = "));
             sql.text(inc.source.as_str()).push(" AND i.param IN ");
-            sql.list(inc.params.iter().copied()).push(" AND i.id IN ");
+            sql.list(inc.params.iter().flat_map(|p| registry::row_codes(&inc.source, p))).push(" AND i.id IN ");
             sql.list(ids.iter().map(String::as_str));
             for r in sql.query().fetch_all(&self.db().pool).await? {
                 let (t, id): (String, String) = (r.try_get(0)?, r.try_get(1)?);
@@ -269,7 +269,9 @@ impl ResourceStore {
             ));
             sql.text(inc.source.as_str());
             sql.push(&format!(" AND c.deleted = 0 AND c.id IN (SELECT i.id FROM {idx} i WHERE i.resource_type = "));
-            sql.text(inc.source.as_str()).push(" AND i.param IN ").list(inc.params.iter().copied());
+            sql.text(inc.source.as_str())
+                .push(" AND i.param IN ")
+                .list(inc.params.iter().flat_map(|p| registry::row_codes(&inc.source, p)));
             sql.push(" AND i.system = ").text(q.resource_type.as_str());
             sql.push(" AND i.value IN ").list(ids.iter().map(String::as_str)).push(") ORDER BY c.id LIMIT ");
             sql.int((MAX_INCLUDES + 1) as i64);
@@ -299,6 +301,16 @@ impl ResourceStore {
     }
 }
 
+/// `{alias}.param = …` for the index rows of parameter `code`, or `IN (…)` when it covers others
+/// (registry::COVERS).
+fn param_cond(sql: &mut Sql, alias: &str, rtype: &str, code: &'static str) {
+    if registry::covered_by(rtype, code).is_empty() {
+        sql.push(&format!("{alias}.param = ")).text(code);
+    } else {
+        sql.push(&format!("{alias}.param IN ")).list(registry::row_codes(rtype, code));
+    }
+}
+
 /// `WHERE …` of a search (without the cursor when counting).
 fn where_clause(sql: &mut Sql, q: &SearchQuery, compartment: &Compartment, generation: i64, with_cursor: bool) {
     let (idx, didx) = (text_table(generation), date_table(generation));
@@ -324,11 +336,15 @@ fn where_clause(sql: &mut Sql, q: &SearchQuery, compartment: &Compartment, gener
                 let table = if param.kind == ParamType::Date { &didx } else { &idx };
                 sql.push(if *missing { "c.id NOT IN " } else { "c.id IN " });
                 sql.push(&format!("(SELECT i.id FROM {table} i WHERE i.resource_type = "));
-                sql.text(rtype).push(" AND i.param = ").text(param.code).push(")");
+                sql.text(rtype).push(" AND ");
+                param_cond(sql, "i", rtype, param.code);
+                sql.push(")");
             }
             Filter::Text { param, any_of } => {
                 sql.push(&format!("c.id IN (SELECT i.id FROM {idx} i WHERE i.resource_type = "));
-                sql.text(rtype).push(" AND i.param = ").text(param.code).push(" AND (");
+                sql.text(rtype).push(" AND ");
+                param_cond(sql, "i", rtype, param.code);
+                sql.push(" AND (");
                 for (i, m) in any_of.iter().enumerate() {
                     if i > 0 {
                         sql.push(" OR ");
@@ -339,7 +355,9 @@ fn where_clause(sql: &mut Sql, q: &SearchQuery, compartment: &Compartment, gener
             }
             Filter::Dates { param, any_of } => {
                 sql.push(&format!("c.id IN (SELECT d.id FROM {didx} d WHERE d.resource_type = "));
-                sql.text(rtype).push(" AND d.param = ").text(param.code).push(" AND (");
+                sql.text(rtype).push(" AND ");
+                param_cond(sql, "d", rtype, param.code);
+                sql.push(" AND (");
                 for (i, c) in any_of.iter().enumerate() {
                     if i > 0 {
                         sql.push(" OR ");

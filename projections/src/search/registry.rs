@@ -140,6 +140,25 @@ pub static PARAMS: &[SearchParam] = params![
     "Provenance" "patient" Reference "Provenance.target" ["Patient"] HL7 "Provenance-patient";
 ];
 
+/// Parameters whose values always include every value of narrower parameters of the same type:
+/// `Patient.name` covers its `family` and `given` parts, and Coverage `patient` is the same
+/// element as `beneficiary`. The projection stores a shared value once, under the narrower
+/// parameter, and the planner reads a parameter's rows together with those of the parameters it
+/// covers ([`row_codes`]): a Patient had four index rows of its names twice, a Coverage its
+/// beneficiary twice. (A view built before keeps its extra rows; they match the same searches.)
+pub static COVERS: &[(&str, &str, &[&str])] =
+    &[("Patient", "name", &["family", "given"]), ("Coverage", "patient", &["beneficiary"])];
+
+/// The parameters `code` of `resource_type` covers (see [`COVERS`]).
+pub fn covered_by(resource_type: &str, code: &str) -> &'static [&'static str] {
+    COVERS.iter().find(|(t, c, _)| *t == resource_type && *c == code).map_or(&[], |(_, _, covered)| covered)
+}
+
+/// The `param` values of the index rows that hold the values of parameter `code`.
+pub fn row_codes(resource_type: &str, code: &'static str) -> impl Iterator<Item = &'static str> {
+    std::iter::once(code).chain(covered_by(resource_type, code).iter().copied())
+}
+
 /// Parameters every resource type has, answered from the resource row itself.
 pub static COMMON: &[(&str, ParamType, &str)] = &[
     ("_id", ParamType::Token, "http://hl7.org/fhir/SearchParameter/Resource-id"),
@@ -210,6 +229,20 @@ mod tests {
                 !p.targets.is_empty() || p.code == "related" || p.code == "target"
             );
         }
+        // A covered parameter's values are always values of the covering one: same type, its
+        // paths inside the covering parameter's, no reference target the covering one refuses.
+        for (base, code, covered) in COVERS {
+            let p = lookup(base, code).unwrap_or_else(|| panic!("{base}:{code}"));
+            for c in *covered {
+                let q = lookup(base, c).unwrap_or_else(|| panic!("{base}:{c}"));
+                assert_eq!(p.kind, q.kind, "{base}:{code} / {c}");
+                assert!(q.paths().iter().all(|qp| p.paths().iter().any(|pp| qp.starts_with(pp))), "{base}:{c}");
+                assert!(p.targets.is_empty() || q.targets.iter().all(|t| p.targets.contains(t)), "{base}:{c}");
+                assert!(covered_by(base, c).is_empty(), "{base}:{c} covers too: rows would be dropped twice");
+            }
+        }
+        assert_eq!(row_codes("Patient", "name").collect::<Vec<_>>(), ["name", "family", "given"]);
+        assert_eq!(row_codes("Patient", "family").collect::<Vec<_>>(), ["family"]);
         let sd = lookup("ExplanationOfBenefit", "service-date").map(SearchParam::paths);
         assert_eq!(sd, Some(vec![vec!["billablePeriod"], vec!["item", "serviced[x]"]]));
         assert!(lookup("Patient", "nope").is_none());
