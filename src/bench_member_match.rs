@@ -502,10 +502,14 @@ pub async fn run(args: MemberMatchBenchArgs) -> anyhow::Result<()> {
             ratios.push(json!({"concurrency": c, "ratio": r}));
         }
     }
+    let embedded =
+        backend.kafka_brokers.is_none() && !backend.database_url.as_deref().is_some_and(|u| u.starts_with("postgres"));
+    // The goal is stated for the embedded backends only.
     if let Some(p99) = args
         .concurrency
         .iter()
         .position(|&c| c == 16)
+        .filter(|_| embedded)
         .and_then(|k| rows.get(2 * k))
         .and_then(|r| r.latency.as_ref())
         .map(|l| l.p99_ms)
