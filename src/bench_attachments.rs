@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 use crate::bench::{peak_rss_kib, reset_peak_rss, status_kib, Latency};
-use crate::bench_auth::{fresh_backend, token};
+use crate::bench_auth::{backend_client, fresh_backend};
 use crate::config::{BackendArgs, ServeArgs};
 use crate::App;
 
@@ -330,15 +330,7 @@ pub async fn run(args: AttachmentBenchArgs) -> anyhow::Result<()> {
     let app = App::start(serve).await?;
     let result = async {
         let base = app.base_url();
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("content-type", "application/fhir+json".parse()?);
-        headers.insert("authorization", format!("Bearer {}", token(&base, &backend).await?).parse()?);
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .default_headers(headers)
-            .pool_max_idle_per_host(args.concurrency)
-            .timeout(Duration::from_secs(900))
-            .build()?;
+        let client = backend_client(&base, &backend, args.concurrency, Duration::from_secs(900)).await?;
         let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let mut rows = vec![small(&args, &app, &client, &tag).await?];
         rows.push(

@@ -52,6 +52,25 @@ pub(crate) fn fresh_backend(base: &BackendArgs) -> (BackendArgs, Option<std::pat
     }
 }
 
+/// An HTTP client for a bench: FHIR JSON, a `system/*.*` token from [`token`], no proxy, up to
+/// `pool` idle connections and `timeout` per request.
+pub(crate) async fn backend_client(
+    base: &str,
+    backend: &BackendArgs,
+    pool: usize,
+    timeout: std::time::Duration,
+) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("content-type", "application/fhir+json".parse()?);
+    headers.insert("authorization", format!("Bearer {}", token(base, backend).await?).parse()?);
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(headers)
+        .pool_max_idle_per_host(pool)
+        .timeout(timeout)
+        .build()?)
+}
+
 /// A `system/*.*` backend client registered in `backend`, and a token for it from `base`.
 pub(crate) async fn token(base: &str, backend: &BackendArgs) -> anyhow::Result<String> {
     let db = backend.open_db().await?;

@@ -21,7 +21,7 @@ use processors::member_match::{MatchRequest, Verdict};
 use serde_json::{json, Value};
 
 use crate::bench::{peak_rss_kib, reset_peak_rss, status_kib, Latency};
-use crate::bench_auth::{fresh_backend, token};
+use crate::bench_auth::{backend_client, fresh_backend};
 use crate::config::{BackendArgs, ServeArgs};
 use crate::App;
 
@@ -450,15 +450,8 @@ pub async fn run(args: MemberMatchBenchArgs) -> anyhow::Result<()> {
     let tag = uuid::Uuid::new_v4().simple().to_string()[..6].to_string();
     let result = async {
         let base = app.base_url();
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("content-type", "application/fhir+json".parse()?);
-        headers.insert("authorization", format!("Bearer {}", token(&base, &backend).await?).parse()?);
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .default_headers(headers)
-            .pool_max_idle_per_host(args.concurrency.iter().copied().max().unwrap_or(1))
-            .timeout(Duration::from_secs(3600))
-            .build()?;
+        let pool = args.concurrency.iter().copied().max().unwrap_or(1);
+        let client = backend_client(&base, &backend, pool, Duration::from_secs(3600)).await?;
         load_members(&app, &args, &backend, &tag).await?;
         let mut rows = Vec::new();
         for (k, &c) in args.concurrency.iter().enumerate() {
