@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 use crate::bench::{peak_rss_kib, reset_peak_rss, status_kib, Latency};
-use crate::bench_auth::{backend_client, fresh_backend};
+use crate::bench_auth::{backend_client, finish, fresh_backend};
 use crate::config::{BackendArgs, ServeArgs};
 use crate::App;
 
@@ -350,11 +350,7 @@ pub async fn run(args: AttachmentBenchArgs) -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(rows)
     }
     .await;
-    app.stop().await?;
-    if let Some(d) = dir {
-        let _ = std::fs::remove_dir_all(d);
-    }
-    let rows = result?;
+    let rows = finish(app, dir, result).await?;
     let mut out = format!(
         "\npayerx bench attachments: {}, {} CPUs\n{:<38} {:>6} {:>10} {:>9} {:>10} {:>18} {:>18} {:>9}\n",
         crate::bench::backends_label(&backend),

@@ -52,6 +52,20 @@ pub(crate) fn fresh_backend(base: &BackendArgs) -> (BackendArgs, Option<std::pat
     }
 }
 
+/// Stops a bench's payerx and removes its scratch folder (from [`fresh_backend`]), then hands
+/// back what the bench measured.
+pub(crate) async fn finish<T>(
+    app: crate::App,
+    dir: Option<std::path::PathBuf>,
+    result: anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    app.stop().await?;
+    if let Some(d) = dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    result
+}
+
 /// An HTTP client for a bench: FHIR JSON, a `system/*.*` token from [`token`], no proxy, up to
 /// `pool` idle connections and `timeout` per request.
 pub(crate) async fn backend_client(
@@ -141,11 +155,7 @@ async fn round(args: &AuthBenchArgs, secure: bool) -> anyhow::Result<Round> {
     lat.sort();
     let at = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
     let r = Round { secure, per_s: lat.len() as f64 / elapsed.as_secs_f64(), p50: at(0.5), p99: at(0.99) };
-    app.stop().await?;
-    if let Some(d) = dir {
-        let _ = std::fs::remove_dir_all(d);
-    }
-    Ok(r)
+    finish(app, dir, Ok(r)).await
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

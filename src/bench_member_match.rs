@@ -21,7 +21,7 @@ use processors::member_match::{MatchRequest, Verdict};
 use serde_json::{json, Value};
 
 use crate::bench::{peak_rss_kib, reset_peak_rss, status_kib, Latency};
-use crate::bench_auth::{backend_client, fresh_backend};
+use crate::bench_auth::{backend_client, finish, fresh_backend};
 use crate::config::{BackendArgs, ServeArgs};
 use crate::App;
 
@@ -465,11 +465,7 @@ pub async fn run(args: MemberMatchBenchArgs) -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(rows)
     }
     .await;
-    app.stop().await?;
-    if let Some(d) = dir {
-        let _ = std::fs::remove_dir_all(d);
-    }
-    let rows = result?;
+    let rows = finish(app, dir, result).await?;
     let mut out = format!(
         "\npayerx bench member-match: {}, {} members, {} CPUs\n{:<44} {:>7} {:>9} {:>10} {:>9} {:>9} {:>11}\n",
         crate::bench::backends_label(&backend),
