@@ -23,6 +23,11 @@ both_tiers!(
 
 both_tiers!(with strict: repeated_failures_trip_the_limit_per_client);
 both_tiers!(with short_deadline: deadline_passed_answers_503_and_the_retry_gets_the_decision);
+both_tiers!(with small_bulk: bulk_requests_that_cannot_be_read_are_refused_whole);
+
+fn small_bulk(args: &mut payerx::ServeArgs) {
+    args.member_match.max_bulk_bytes = 20_000;
+}
 
 fn strict(args: &mut payerx::ServeArgs) {
     args.member_match.max_failures = 3;
@@ -535,5 +540,56 @@ async fn an_undecodable_request_goes_to_the_dead_letters(h: Harness) {
     )
     .await;
     assert_eq!(status, 200, "{out}");
+    h.stop().await;
+}
+
+async fn bulk_post(h: &Harness, body: reqwest::Body) -> (u16, Value) {
+    let r = h
+        .client
+        .post(h.url("/fhir/Group/$bulk-member-match"))
+        .header("content-type", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn bulk_requests_that_cannot_be_read_are_refused_whole(h: Harness) {
+    let member = member_bundle(member_patient("Big", &["B"], "1950-01-01"), coverage_to_match(None), good_consent());
+    // Over --max-bulk-member-match-bytes: refused from Content-Length, before the body is read
+    // (the client waits after the headers, so it sees the answer whatever it would send next)...
+    let head = format!(
+        "POST /fhir/Group/$bulk-member-match HTTP/1.1\r\nhost: x\r\n{}content-type: application/fhir+json\r\n\
+         prefer: respond-async\r\ncontent-length: 1000000\r\n\r\n",
+        h.auth_line()
+    );
+    let (status, text) = tests::raw_request(&h.url(""), &head).await;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("OperationOutcome") && text.contains("--max-bulk-member-match-bytes"), "{text}");
+    // ...and while streaming when the body has no length. The body is just over the limit, so
+    // the client has sent everything when the answer comes.
+    let mut padded = json!({"resourceType": "Parameters", "parameter": [member.clone()]}).to_string();
+    padded.push_str(&" ".repeat(20_100 - padded.len()));
+    let chunks: Vec<Result<String, std::io::Error>> =
+        padded.as_bytes().chunks(4096).map(|c| Ok(String::from_utf8_lossy(c).into_owned())).collect();
+    let (status, out) = bulk_post(&h, reqwest::Body::wrap_stream(futures::stream::iter(chunks))).await;
+    assert_eq!(status, 413, "{out}");
+    assert!(diagnostics(&out).contains("--max-bulk-member-match-bytes"), "{out}");
+    // A parameter other than MemberBundle, none at all, or JSON that breaks off: 400.
+    let other =
+        json!({"resourceType": "Parameters", "parameter": [member.clone(), {"name": "Other", "valueString": "x"}]});
+    let (status, out) = bulk_post(&h, other.to_string().into()).await;
+    assert_eq!(status, 400, "{out}");
+    assert_eq!(expression(&out), "Parameters.parameter[1].name");
+    let (status, out) = bulk_post(&h, json!({"resourceType": "Parameters"}).to_string().into()).await;
+    assert_eq!(status, 400, "{out}");
+    assert!(diagnostics(&out).contains("at least one MemberBundle"), "{out}");
+    let cut = json!({"resourceType": "Parameters", "parameter": [member]}).to_string();
+    let (status, out) = bulk_post(&h, cut[..cut.len() / 2].to_string().into()).await;
+    assert_eq!(status, 400, "{out}");
+    assert_eq!(out["issue"][0]["code"], "structure");
     h.stop().await;
 }
