@@ -12,7 +12,7 @@
 //! the index is rebuilt from the changes) and yields the decisions the clients were given. Live,
 //! the processor wrote every decision itself and does not read them back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 use processors::member_match::{self as mm, ConsentPolicy, IdKey, MatchRequest, MemberRecord, Verdict};
@@ -199,69 +199,321 @@ async fn apply_change(tx: &mut Transaction<'_, Any>, g: i64, c: &ResourceChange)
     }
 }
 
-/// Members reached through the probe's identifiers (directly, or as a Coverage's beneficiary).
-async fn by_identifier(
-    tx: &mut Transaction<'_, Any>,
-    g: i64,
-    ids: &[IdKey],
-) -> Result<Vec<MemberRecord>, ProjectionError> {
-    let mut out: Vec<MemberRecord> = Vec::new();
-    for id in ids {
-        let rows = sqlx::query(&format!(
-            "SELECT i.system, m.record FROM {} i JOIN {} m ON m.patient_id = i.patient_id WHERE i.value = $1",
-            ids_table(g),
-            members_table(g)
-        ))
-        .bind(id.value.as_str())
-        .fetch_all(&mut **tx)
-        .await?;
-        for row in rows {
-            let system: String = row.try_get(0)?;
-            // A system on both sides must agree; a subscriber id (no system) matches any.
-            let agrees = match (&id.system, system.as_str()) {
-                (Some(want), have) if !have.is_empty() => want == have,
-                _ => true,
-            };
-            if !agrees {
-                continue;
-            }
-            let member: MemberRecord = serde_json::from_str(&row.try_get::<String, _>(1)?).map_err(json_err)?;
-            if !out.iter().any(|m| m.patient_id == member.patient_id) {
-                out.push(member);
-            }
-        }
-    }
-    Ok(out)
+/// Values per `IN (…)` lookup: statements stay small on either database.
+const LOOKUP_CHUNK: usize = 400;
+
+/// `$from, $from+1, …`, `n` of them.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
-async fn by_demographics(
-    tx: &mut Transaction<'_, Any>,
-    g: i64,
-    member: &MemberRecord,
-) -> Result<Vec<MemberRecord>, ProjectionError> {
-    let Some(birth_date) = &member.birth_date else { return Ok(Vec::new()) };
-    let mut out: Vec<MemberRecord> = Vec::new();
-    for family in &member.families {
-        let rows = sqlx::query(&format!(
-            "SELECT m.record FROM {} n JOIN {} m ON m.patient_id = n.patient_id WHERE n.family = $1 AND n.birth_date = $2",
-            names_table(g),
-            members_table(g)
-        ))
-        .bind(family.as_str())
-        .bind(birth_date.as_str())
-        .fetch_all(&mut **tx)
-        .await?;
-        for row in rows {
-            let m: MemberRecord = serde_json::from_str(&row.try_get::<String, _>(0)?).map_err(json_err)?;
-            if !out.iter().any(|o| o.patient_id == m.patient_id) {
-                out.push(m);
+/// What the index holds for a group of probes, read with one statement per chunk of keys
+/// rather than one per key and request.
+#[derive(Default)]
+struct Candidates {
+    members: Vec<MemberRecord>,
+    slot: HashMap<String, usize>,
+    /// Identifier value → (its system, the member it leads to).
+    by_value: HashMap<String, Vec<(String, usize)>>,
+    /// (family, birth date) → members.
+    by_name: HashMap<(String, String), Vec<usize>>,
+}
+
+impl Candidates {
+    fn member(&mut self, patient_id: String, record: &str) -> Result<usize, ProjectionError> {
+        if let Some(i) = self.slot.get(&patient_id) {
+            return Ok(*i);
+        }
+        self.members.push(serde_json::from_str(record).map_err(json_err)?);
+        self.slot.insert(patient_id, self.members.len() - 1);
+        Ok(self.members.len() - 1)
+    }
+
+    async fn load_identifiers(
+        &mut self,
+        tx: &mut Transaction<'_, Any>,
+        g: i64,
+        values: BTreeSet<&str>,
+    ) -> Result<(), ProjectionError> {
+        let values: Vec<&str> = values.into_iter().collect();
+        for chunk in values.chunks(LOOKUP_CHUNK) {
+            let sql = format!(
+                "SELECT i.value, i.system, m.patient_id, m.record FROM {} i JOIN {} m ON m.patient_id = i.patient_id
+                 WHERE i.value IN ({})",
+                ids_table(g),
+                members_table(g),
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for v in chunk {
+                query = query.bind(*v);
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                let slot = self.member(row.try_get(2)?, &row.try_get::<String, _>(3)?)?;
+                self.by_value.entry(row.try_get(0)?).or_default().push((row.try_get(1)?, slot));
             }
         }
+        Ok(())
     }
-    Ok(out)
+
+    async fn load_demographics(
+        &mut self,
+        tx: &mut Transaction<'_, Any>,
+        g: i64,
+        keys: BTreeSet<(&str, &str)>,
+    ) -> Result<(), ProjectionError> {
+        let keys: Vec<(&str, &str)> = keys.into_iter().collect();
+        for chunk in keys.chunks(LOOKUP_CHUNK / 2) {
+            let wanted: Vec<String> = (0..chunk.len())
+                .map(|k| format!("(n.family = ${} AND n.birth_date = ${})", 2 * k + 1, 2 * k + 2))
+                .collect();
+            let sql = format!(
+                "SELECT n.family, n.birth_date, m.patient_id, m.record FROM {} n JOIN {} m ON m.patient_id = n.patient_id
+                 WHERE {}",
+                names_table(g),
+                members_table(g),
+                wanted.join(" OR ")
+            );
+            let mut query = sqlx::query(&sql);
+            for (family, birth_date) in chunk {
+                query = query.bind(*family).bind(*birth_date);
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                let slot = self.member(row.try_get(2)?, &row.try_get::<String, _>(3)?)?;
+                self.by_name.entry((row.try_get(0)?, row.try_get(1)?)).or_default().push(slot);
+            }
+        }
+        Ok(())
+    }
+
+    /// Members reached through the probe's identifiers (directly, or as a Coverage's beneficiary).
+    fn by_identifier(&self, ids: &[IdKey]) -> Vec<MemberRecord> {
+        let mut out: Vec<usize> = Vec::new();
+        for id in ids {
+            for (system, slot) in self.by_value.get(&id.value).map(Vec::as_slice).unwrap_or_default() {
+                // A system on both sides must agree; a subscriber id (no system) matches any.
+                let agrees = match (&id.system, system.as_str()) {
+                    (Some(want), have) if !have.is_empty() => want == have,
+                    _ => true,
+                };
+                if agrees && !out.contains(slot) {
+                    out.push(*slot);
+                }
+            }
+        }
+        out.into_iter().map(|i| self.members[i].clone()).collect()
+    }
+
+    fn by_demographics(&self, member: &MemberRecord) -> Vec<MemberRecord> {
+        let Some(birth_date) = &member.birth_date else { return Vec::new() };
+        let mut out: Vec<usize> = Vec::new();
+        for family in &member.families {
+            for slot in self.by_name.get(&(family.clone(), birth_date.clone())).map(Vec::as_slice).unwrap_or_default() {
+                if !out.contains(slot) {
+                    out.push(*slot);
+                }
+            }
+        }
+        out.into_iter().map(|i| self.members[i].clone()).collect()
+    }
+}
+
+/// The index's candidates for each probe, `(by identifier, by demographics)`: demographics are
+/// looked at only when no identifier led anywhere. Two round trips for the whole group.
+async fn candidates(
+    tx: &mut Transaction<'_, Any>,
+    g: i64,
+    probes: &[&mm::Probe],
+) -> Result<Vec<(Vec<MemberRecord>, Vec<MemberRecord>)>, ProjectionError> {
+    let mut index = Candidates::default();
+    let values = probes.iter().flat_map(|p| p.identifiers.iter().map(|id| id.value.as_str())).collect();
+    index.load_identifiers(tx, g, values).await?;
+    let found: Vec<Vec<MemberRecord>> = probes.iter().map(|p| index.by_identifier(&p.identifiers)).collect();
+    let mut keys = BTreeSet::new();
+    for (probe, found) in probes.iter().zip(&found) {
+        if let (true, Some(birth_date)) = (found.is_empty(), &probe.member.birth_date) {
+            keys.extend(probe.member.families.iter().map(|f| (f.as_str(), birth_date.as_str())));
+        }
+    }
+    if !keys.is_empty() {
+        index.load_demographics(tx, g, keys).await?;
+    }
+    Ok(probes
+        .iter()
+        .zip(found)
+        .map(|(probe, found)| {
+            let by_demo = if found.is_empty() { index.by_demographics(&probe.member) } else { Vec::new() };
+            (found, by_demo)
+        })
+        .collect())
 }
 
 // ---- decisions ----
+
+fn client_of(env: &Envelope) -> String {
+    env.client_id.clone().unwrap_or_default()
+}
+
+/// The earlier attempts a run of requests must take into account: what the decisions table
+/// holds about their content and clients, and what the run itself decided so far.
+#[derive(Default)]
+struct History {
+    /// (request hash, client) pairs with a decision on record around the run's time; only
+    /// these are looked up one by one.
+    on_record: HashSet<(String, String)>,
+    /// Each client's failed attempts (decided_at), on record and in the run.
+    failures: HashMap<String, Vec<i64>>,
+    /// The run's own decisions, the latest per (request hash, client).
+    decided: HashMap<(String, String), MemberMatchDecided>,
+}
+
+impl History {
+    async fn load(
+        tx: &mut Transaction<'_, Any>,
+        g: i64,
+        singles: &[&MemberMatchRequested],
+        config: &MemberMatchConfig,
+    ) -> Result<History, ProjectionError> {
+        let mut history = History::default();
+        let times = singles.iter().map(|ev| ev.envelope.occurred_at);
+        let (Some(first), Some(last)) = (times.clone().min(), times.max()) else { return Ok(history) };
+        let hashes: BTreeSet<&str> = singles.iter().map(|ev| ev.request_hash.as_str()).collect();
+        let hashes: Vec<&str> = hashes.into_iter().collect();
+        for chunk in hashes.chunks(LOOKUP_CHUNK) {
+            let n = chunk.len();
+            let sql = format!(
+                "SELECT DISTINCT request_hash, client_id FROM {} WHERE request_hash IN ({}) AND decided_at >= ${}
+                   AND decided_at <= ${} AND outcome <> 'THROTTLED' AND bulk_job IS NULL",
+                decisions_table(g),
+                placeholders(1, n),
+                n + 1,
+                n + 2
+            );
+            let mut query = sqlx::query(&sql);
+            for h in chunk {
+                query = query.bind(*h);
+            }
+            let query = query.bind(first - config.retry_window_s * MICROS).bind(last);
+            for row in query.fetch_all(&mut **tx).await? {
+                history.on_record.insert((row.try_get(0)?, row.try_get(1)?));
+            }
+        }
+        let clients: BTreeSet<String> = singles.iter().map(|ev| client_of(&ev.envelope)).collect();
+        let clients: Vec<String> = clients.into_iter().collect();
+        for chunk in clients.chunks(LOOKUP_CHUNK) {
+            let n = chunk.len();
+            // Bounded: past the limit a client's attempts are THROTTLED, which do not count.
+            let sql = format!(
+                "SELECT client_id, decided_at FROM {} WHERE failed = 1 AND client_id IN ({}) AND decided_at > ${}
+                   AND decided_at <= ${}",
+                decisions_table(g),
+                placeholders(1, n),
+                n + 1,
+                n + 2
+            );
+            let mut query = sqlx::query(&sql);
+            for c in chunk {
+                query = query.bind(c.as_str());
+            }
+            let query = query.bind(first - config.failure_window_s * MICROS).bind(last);
+            for row in query.fetch_all(&mut **tx).await? {
+                history.failures.entry(row.try_get(0)?).or_default().push(row.try_get(1)?);
+            }
+        }
+        Ok(history)
+    }
+
+    fn key(ev: &MemberMatchRequested) -> (String, String) {
+        (ev.request_hash.clone(), client_of(&ev.envelope))
+    }
+
+    /// The run's own decision on the same content from the same client, within the window.
+    fn earlier(&self, ev: &MemberMatchRequested, retry_window_s: i64) -> Option<MemberMatchDecided> {
+        let at = ev.envelope.occurred_at;
+        self.decided
+            .get(&Self::key(ev))
+            .filter(|d| d.envelope.occurred_at <= at && d.envelope.occurred_at >= at - retry_window_s * MICROS)
+            .cloned()
+    }
+
+    fn may_have_earlier(&self, ev: &MemberMatchRequested) -> bool {
+        self.on_record.contains(&Self::key(ev))
+    }
+
+    /// Seconds until the client may try again, when its failed attempts reached the limit.
+    fn throttled(&self, ev: &MemberMatchRequested, config: &MemberMatchConfig) -> Option<i64> {
+        let at = ev.envelope.occurred_at;
+        let since = at - config.failure_window_s * MICROS;
+        let within: Vec<i64> = self
+            .failures
+            .get(&client_of(&ev.envelope))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .copied()
+            .filter(|t| *t > since && *t <= at)
+            .collect();
+        if within.len() < config.max_failures as usize {
+            return None;
+        }
+        let oldest = within.iter().copied().min().unwrap_or(at);
+        let free_at = oldest + config.failure_window_s * MICROS;
+        Some(((free_at - at + MICROS - 1) / MICROS).max(1))
+    }
+
+    /// Counts a decision of the run, as `record_decision` stores it.
+    fn note(&mut self, d: &MemberMatchDecided) {
+        if d.bulk_job.is_some() {
+            return;
+        }
+        let client = client_of(&d.envelope);
+        if d.outcome.is_failed_attempt() && !d.repeated {
+            self.failures.entry(client.clone()).or_default().push(d.envelope.occurred_at);
+        }
+        if d.outcome != MemberMatchOutcome::Throttled {
+            self.decided.insert((d.request_hash.clone(), client), d.clone());
+        }
+    }
+}
+
+/// Where a bulk job stands while a run of its members is recorded: when the members still
+/// undecided reach none, the job may complete.
+struct JobProgress {
+    /// Members left to decide, once the job's size is known and it is still open.
+    remaining: Option<i64>,
+}
+
+impl JobProgress {
+    async fn load(tx: &mut Transaction<'_, Any>, g: i64, job: &str) -> Result<JobProgress, ProjectionError> {
+        let row = sqlx::query(&format!(
+            "SELECT j.total, j.completed_at, j.problem, (SELECT COUNT(*) FROM {} WHERE job_id = $1) FROM {} j
+             WHERE j.job_id = $1",
+            job_members_table(g),
+            jobs_table(g)
+        ))
+        .bind(job)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(row) = row else { return Ok(JobProgress { remaining: None }) };
+        let (total, completed, problem, decided): (Option<i64>, Option<i64>, Option<String>, i64) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+        let open = completed.is_none() && problem.is_none();
+        Ok(JobProgress { remaining: total.filter(|_| open).map(|t| t - decided) })
+    }
+
+    /// One more member decided: whether the job may now be complete ([`completion`] checks).
+    ///
+    /// [`completion`]: MemberMatchProjection::completion
+    fn one_more(&mut self) -> bool {
+        match &mut self.remaining {
+            Some(r) => {
+                *r -= 1;
+                *r <= 0
+            }
+            None => false,
+        }
+    }
+}
 
 /// The row kept per decision: the decision itself, and what the counters and memo need.
 /// How a decision row meets one already recorded for the same request.
@@ -420,7 +672,7 @@ impl MemberMatchProjection {
             .header(headers::CORRELATION_ID, d.envelope.correlation_id.clone()))
     }
 
-    /// The earlier decision on the same content from the same client, within the retry window.
+    /// The decision on record for the same content from the same client, within the retry window.
     async fn earlier(
         &self,
         tx: &mut Transaction<'_, Any>,
@@ -433,7 +685,7 @@ impl MemberMatchProjection {
             decisions_table(g)
         ))
         .bind(ev.request_hash.as_str())
-        .bind(ev.envelope.client_id.clone().unwrap_or_default())
+        .bind(client_of(&ev.envelope))
         .bind(ev.envelope.occurred_at - self.config.retry_window_s * MICROS)
         .bind(ev.envelope.occurred_at)
         .fetch_optional(&mut **tx)
@@ -441,83 +693,98 @@ impl MemberMatchProjection {
         row.map(|r| serde_json::from_str(&r.try_get::<String, _>(0)?).map_err(json_err)).transpose()
     }
 
-    /// Seconds until the client may try again, when its failed attempts reached the limit.
-    async fn throttled(
+    /// Decides a run of requests with no index change between them, each in order and as if
+    /// alone: the index is read once for the whole run (see [`candidates`]), the memo and the
+    /// brute-force counters once per run, and what the run decided so far counts for the
+    /// requests after it. A batch of requests thus costs a few statements, not a few per request.
+    async fn decide_group(
         &self,
         tx: &mut Transaction<'_, Any>,
         g: i64,
-        ev: &MemberMatchRequested,
-    ) -> Result<Option<i64>, ProjectionError> {
-        let since = ev.envelope.occurred_at - self.config.failure_window_s * MICROS;
-        let row = sqlx::query(&format!(
-            "SELECT COUNT(*), MIN(decided_at) FROM {} WHERE client_id = $1 AND failed = 1 AND decided_at > $2 AND decided_at <= $3",
-            decisions_table(g)
-        ))
-        .bind(ev.envelope.client_id.clone().unwrap_or_default())
-        .bind(since)
-        .bind(ev.envelope.occurred_at)
-        .fetch_one(&mut **tx)
-        .await?;
-        let count: i64 = row.try_get(0)?;
-        if count < i64::from(self.config.max_failures) {
-            return Ok(None);
+        records: &[Consumed],
+        group: &[(usize, MemberMatchRequested)],
+    ) -> Result<Vec<MemberMatchDecided>, ProjectionError> {
+        let parsed: Vec<Result<(MatchRequest, mm::Probe), String>> = group
+            .iter()
+            .map(|(_, ev)| {
+                request_of(ev).map(|req| {
+                    let probe = mm::probe(&req);
+                    (req, probe)
+                })
+            })
+            .collect();
+        let probes: Vec<&mm::Probe> = parsed.iter().filter_map(|p| p.as_ref().ok().map(|(_, probe)| probe)).collect();
+        let mut looked_up = candidates(tx, g, &probes).await?.into_iter();
+        let singles: Vec<&MemberMatchRequested> =
+            group.iter().map(|(_, ev)| ev).filter(|ev| ev.kind == MemberMatchRequestKind::Single).collect();
+        let mut history = History::load(tx, g, &singles, &self.config).await?;
+
+        let mut out = Vec::with_capacity(group.len());
+        for ((i, ev), parsed) in group.iter().zip(parsed) {
+            let found = if parsed.is_ok() { looked_up.next() } else { None };
+            let env = self.derive(&records[*i], &ev.envelope, MemberMatchDecided::EVENT_TYPE, 0);
+            let mut d = MemberMatchDecided::new(
+                env,
+                MemberMatchOutcome::NoMatch,
+                ev.envelope.event_id.clone(),
+                ev.request_hash.clone(),
+            );
+            d.bulk_job = ev.bulk_job.clone();
+            d.bulk_index = ev.bulk_index;
+            if ev.kind == MemberMatchRequestKind::Single {
+                let earlier = match history.earlier(ev, self.config.retry_window_s) {
+                    Some(e) => Some(e),
+                    None if history.may_have_earlier(ev) => self.earlier(tx, g, ev).await?,
+                    None => None,
+                };
+                if let Some(mut again) = earlier {
+                    again.envelope = d.envelope;
+                    again.request_id = d.request_id;
+                    again.repeated = true;
+                    history.note(&again);
+                    out.push(again);
+                    continue;
+                }
+                if let Some(secs) = history.throttled(ev, &self.config) {
+                    d.outcome = MemberMatchOutcome::Throttled;
+                    d.retry_after_s = Some(secs);
+                    d.reason = Some(format!(
+                        "too many failed member-match attempts by this client ({} within {} s); try again in {secs} s",
+                        self.config.max_failures, self.config.failure_window_s
+                    ));
+                    history.note(&d);
+                    out.push(d);
+                    continue;
+                }
+            }
+            match (parsed, found) {
+                (Ok((req, probe)), Some((found, by_demo))) => self.conclude(&mut d, ev, &req, &probe, &found, &by_demo),
+                (Err(reason), _) => {
+                    d.outcome = MemberMatchOutcome::Invalid;
+                    d.reason = Some(reason);
+                }
+                (Ok(_), None) => return Err(ProjectionError::Other("member index lookup out of step".into())),
+            }
+            history.note(&d);
+            out.push(d);
         }
-        let oldest: i64 = row.try_get::<Option<i64>, _>(1)?.unwrap_or(ev.envelope.occurred_at);
-        let free_at = oldest + self.config.failure_window_s * MICROS;
-        Ok(Some(((free_at - ev.envelope.occurred_at + MICROS - 1) / MICROS).max(1)))
+        Ok(out)
     }
 
-    /// Decides one request against the index.
-    async fn decide(
+    /// The matcher's verdict on one request, and the consent check of a match.
+    fn conclude(
         &self,
-        tx: &mut Transaction<'_, Any>,
-        g: i64,
-        input: &Consumed,
+        d: &mut MemberMatchDecided,
         ev: &MemberMatchRequested,
-    ) -> Result<MemberMatchDecided, ProjectionError> {
-        let env = self.derive(input, &ev.envelope, MemberMatchDecided::EVENT_TYPE, 0);
-        let mut d = MemberMatchDecided::new(
-            env,
-            MemberMatchOutcome::NoMatch,
-            ev.envelope.event_id.clone(),
-            ev.request_hash.clone(),
-        );
-        d.bulk_job = ev.bulk_job.clone();
-        d.bulk_index = ev.bulk_index;
-        let single = ev.kind == MemberMatchRequestKind::Single;
-        if single {
-            if let Some(earlier) = self.earlier(tx, g, ev).await? {
-                let mut again = earlier;
-                again.envelope = d.envelope;
-                again.request_id = d.request_id;
-                again.repeated = true;
-                return Ok(again);
-            }
-            if let Some(secs) = self.throttled(tx, g, ev).await? {
-                d.outcome = MemberMatchOutcome::Throttled;
-                d.retry_after_s = Some(secs);
-                d.reason = Some(format!(
-                    "too many failed member-match attempts by this client ({} within {} s); try again in {secs} s",
-                    self.config.max_failures, self.config.failure_window_s
-                ));
-                return Ok(d);
-            }
-        }
-        let req = match request_of(ev) {
-            Ok(r) => r,
-            Err(reason) => {
-                d.outcome = MemberMatchOutcome::Invalid;
-                d.reason = Some(reason);
-                return Ok(d);
-            }
-        };
-        let probe = mm::probe(&req);
-        let (ids_hash, demo_hash) = mm::input_hashes(&probe);
+        req: &MatchRequest,
+        probe: &mm::Probe,
+        found: &[MemberRecord],
+        by_demo: &[MemberRecord],
+    ) {
+        let (ids_hash, demo_hash) = mm::input_hashes(probe);
         d.identifiers_hash = Some(ids_hash);
         d.demographics_hash = Some(demo_hash);
-        let found = by_identifier(tx, g, &probe.identifiers).await?;
-        let by_demo = if found.is_empty() { by_demographics(tx, g, &probe.member).await? } else { Vec::new() };
-        match mm::decide(&probe, &found, &by_demo) {
+        match mm::decide(probe, found, by_demo) {
             Verdict::NoMatch { reason } => {
                 d.reason = Some(reason);
             }
@@ -532,7 +799,7 @@ impl MemberMatchProjection {
             Verdict::Matched { patient_id, rule } => {
                 d.rule = Some(rule.as_str().into());
                 d.patient_id = Some(patient_id.clone());
-                let member = found.iter().chain(&by_demo).find(|m| m.patient_id == patient_id);
+                let member = found.iter().chain(by_demo).find(|m| m.patient_id == patient_id);
                 let id = member
                     .and_then(|m| m.member_identifier.clone())
                     .unwrap_or(IdKey { system: Some(PATIENT_ID_SYSTEM.into()), value: patient_id.clone() });
@@ -568,7 +835,6 @@ impl MemberMatchProjection {
                 }
             }
         }
-        Ok(d)
     }
 
     /// When every member of `job` is decided: the completion event and the MatchedMembers Group
@@ -758,7 +1024,35 @@ impl Projection for MemberMatchProjection {
         records: &[Consumed],
     ) -> Result<Applied, ProjectionError> {
         let mut applied = Applied::default();
+        // Requests are decided in runs: everything up to the next index change, recorded
+        // decision or closed bulk job, which must see the run's decisions.
+        let mut run: Vec<(usize, MemberMatchRequested)> = Vec::new();
         for (i, r) in records.iter().enumerate() {
+            if r.topic == self.requests {
+                let ev = match schemas::decode_event::<MemberMatchRequested>(&r.value) {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        // Nobody can decide it: to the dead letters with the reason, and on.
+                        tracing::error!(source = r.coordinates(), error = %e, "undecodable member-match request dead-lettered");
+                        metrics::counter!("payerx_projection_skipped_total", "projection" => NAME).increment(1);
+                        let reason = format!("undecodable MemberMatchRequested: {e}");
+                        applied
+                            .emit
+                            .push((i, runtime::processor::dead_letter(r, &self.dead_letters, NAME, &reason, None)));
+                        continue;
+                    }
+                };
+                if ev.kind != MemberMatchRequestKind::BulkClosed {
+                    run.push((i, ev));
+                    continue;
+                }
+                self.decide_run(tx, g, records, &mut run, &mut applied).await?;
+                for out in self.close_job(tx, g, r, &ev).await? {
+                    applied.emit.push((i, out));
+                }
+                continue;
+            }
+            self.decide_run(tx, g, records, &mut run, &mut applied).await?;
             if r.topic == self.changes {
                 let Ok(ev) = schemas::decode_event::<ResourceChanged>(&r.value) else { continue };
                 for c in ev.changes.iter().filter(|c| matches!(c.resource_type.as_str(), "Patient" | "Coverage")) {
@@ -774,83 +1068,103 @@ impl Projection for MemberMatchProjection {
                         tracing::error!(source = r.coordinates(), error = %e, "undecodable member-match decision skipped")
                     }
                 }
-            } else {
-                let ev = match schemas::decode_event::<MemberMatchRequested>(&r.value) {
-                    Ok(ev) => ev,
-                    Err(e) => {
-                        // Nobody can decide it: to the dead letters with the reason, and on.
-                        tracing::error!(source = r.coordinates(), error = %e, "undecodable member-match request dead-lettered");
-                        metrics::counter!("payerx_projection_skipped_total", "projection" => NAME).increment(1);
-                        let reason = format!("undecodable MemberMatchRequested: {e}");
-                        applied
-                            .emit
-                            .push((i, runtime::processor::dead_letter(r, &self.dead_letters, NAME, &reason, None)));
-                        continue;
-                    }
-                };
-                for out in self.request(tx, g, r, &ev).await? {
-                    applied.emit.push((i, out));
-                }
             }
         }
+        self.decide_run(tx, g, records, &mut run, &mut applied).await?;
         Ok(applied)
     }
 }
 
 impl MemberMatchProjection {
-    async fn request(
+    async fn open_job(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        g: i64,
+        ev: &MemberMatchRequested,
+        job: &str,
+    ) -> Result<(), ProjectionError> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (job_id, client_id, created_at, requester) VALUES ($1, $2, $3, $4) ON CONFLICT (job_id) DO NOTHING",
+            jobs_table(g)
+        ))
+        .bind(job)
+        .bind(client_of(&ev.envelope))
+        .bind(ev.envelope.occurred_at)
+        .bind(ev.requester.as_deref())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The end of a bulk request: its size (or the problem that ended it), then completion.
+    async fn close_job(
         &self,
         tx: &mut Transaction<'_, Any>,
         g: i64,
         input: &Consumed,
         ev: &MemberMatchRequested,
     ) -> Result<Vec<Record>, ProjectionError> {
-        let client = ev.envelope.client_id.clone().unwrap_or_default();
-        if let Some(job) = &ev.bulk_job {
-            sqlx::query(&format!(
-                "INSERT INTO {} (job_id, client_id, created_at, requester) VALUES ($1, $2, $3, $4) ON CONFLICT (job_id) DO NOTHING",
-                jobs_table(g)
-            ))
+        let Some(job) = &ev.bulk_job else { return Ok(Vec::new()) };
+        self.open_job(tx, g, ev, job).await?;
+        sqlx::query(&format!("UPDATE {} SET total = $1, problem = $2 WHERE job_id = $3", jobs_table(g)))
+            .bind(ev.bulk_total.map(i64::from))
+            .bind(ev.problem.as_deref())
             .bind(job.as_str())
-            .bind(client.as_str())
-            .bind(ev.envelope.occurred_at)
-            .bind(ev.requester.as_deref())
             .execute(&mut **tx)
             .await?;
+        self.completion(tx, g, input, &ev.envelope, job).await
+    }
+
+    /// Decides the run of requests gathered so far, records the decisions and queues them, and
+    /// the completion of any bulk job whose last member was among them.
+    async fn decide_run(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        g: i64,
+        records: &[Consumed],
+        run: &mut Vec<(usize, MemberMatchRequested)>,
+        applied: &mut Applied,
+    ) -> Result<(), ProjectionError> {
+        if run.is_empty() {
+            return Ok(());
         }
-        if ev.kind == MemberMatchRequestKind::BulkClosed {
-            let Some(job) = &ev.bulk_job else { return Ok(Vec::new()) };
-            sqlx::query(&format!("UPDATE {} SET total = $1, problem = $2 WHERE job_id = $3", jobs_table(g)))
-                .bind(ev.bulk_total.map(i64::from))
-                .bind(ev.problem.as_deref())
-                .bind(job.as_str())
-                .execute(&mut **tx)
-                .await?;
-            return self.completion(tx, g, input, &ev.envelope, job).await;
-        }
-        let d = self.decide(tx, g, input, ev).await?;
-        if !record_decision(tx, g, &d, ev.member_patient.as_deref(), Recorded::IfNew).await? {
-            // Rebuilding: the decision came first from the decisions topic, which carries no
-            // demographics; the bulk output needs this member's MemberPatient.
-            if let (Some(job), Some(index)) = (&ev.bulk_job, ev.bulk_index) {
-                sqlx::query(&format!(
-                    "UPDATE {} SET member_patient = $1 WHERE job_id = $2 AND idx = $3 AND member_patient IS NULL",
-                    job_members_table(g)
-                ))
-                .bind(ev.member_patient.as_deref())
-                .bind(job.as_str())
-                .bind(i64::from(index))
-                .execute(&mut **tx)
-                .await?;
+        let run = std::mem::take(run);
+        let mut jobs: HashMap<String, JobProgress> = HashMap::new();
+        for (_, ev) in &run {
+            if let Some(job) = ev.bulk_job.as_deref().filter(|j| !jobs.contains_key(*j)) {
+                self.open_job(tx, g, ev, job).await?;
+                jobs.insert(job.to_string(), JobProgress::load(tx, g, job).await?);
             }
-            return Ok(Vec::new());
         }
-        metrics::counter!("payerx_member_match_decisions_total", "outcome" => d.outcome.as_str()).increment(1);
-        let mut out = vec![self.decision_record(&d)?];
-        if let Some(job) = &ev.bulk_job {
-            out.extend(self.completion(tx, g, input, &ev.envelope, job).await?);
+        let decisions = self.decide_group(tx, g, records, &run).await?;
+        for ((i, ev), d) in run.iter().zip(decisions) {
+            if !record_decision(tx, g, &d, ev.member_patient.as_deref(), Recorded::IfNew).await? {
+                // Rebuilding: the decision came first from the decisions topic, which carries no
+                // demographics; the bulk output needs this member's MemberPatient.
+                if let (Some(job), Some(index)) = (&ev.bulk_job, ev.bulk_index) {
+                    sqlx::query(&format!(
+                        "UPDATE {} SET member_patient = $1 WHERE job_id = $2 AND idx = $3 AND member_patient IS NULL",
+                        job_members_table(g)
+                    ))
+                    .bind(ev.member_patient.as_deref())
+                    .bind(job.as_str())
+                    .bind(i64::from(index))
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                continue;
+            }
+            metrics::counter!("payerx_member_match_decisions_total", "outcome" => d.outcome.as_str()).increment(1);
+            applied.emit.push((*i, self.decision_record(&d)?));
+            if let Some(job) = &ev.bulk_job {
+                if jobs.get_mut(job).is_some_and(JobProgress::one_more) {
+                    for out in self.completion(tx, g, &records[*i], &ev.envelope, job).await? {
+                        applied.emit.push((*i, out));
+                    }
+                }
+            }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -984,8 +1298,7 @@ impl MemberMatchStore {
         let g = self.generation().await?.ok_or_else(|| ProjectionError::Other("no member index yet".into()))?;
         let mut tx = self.db.pool.begin().await?;
         let probe = mm::probe(req);
-        let found = by_identifier(&mut tx, g, &probe.identifiers).await?;
-        let by_demo = if found.is_empty() { by_demographics(&mut tx, g, &probe.member).await? } else { Vec::new() };
+        let (found, by_demo) = candidates(&mut tx, g, &[&probe]).await?.pop().unwrap_or_default();
         tx.commit().await?;
         Ok(mm::decide(&probe, &found, &by_demo))
     }
@@ -1042,5 +1355,109 @@ impl MemberMatchStore {
                 Ok((d.request_id, d.outcome.as_str().to_string(), d.patient_id, d.rule))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    const PREFIX: &str = "t.";
+
+    fn consumed(topic: &str, offset: i64, value: Vec<u8>) -> Consumed {
+        Consumed {
+            topic: topics::full(PREFIX, topic),
+            partition: 0,
+            offset,
+            key: String::new(),
+            value,
+            headers: Vec::new(),
+            timestamp_ms: 0,
+        }
+    }
+
+    fn patient(id: &str, family: &str, member_id: Option<&str>) -> Value {
+        let mut p = json!({"resourceType": "Patient", "id": id, "name": [{"family": family, "given": ["Jane"]}],
+                           "birthDate": "1980-02-03", "gender": "female"});
+        if let Some(m) = member_id {
+            p["identifier"] = json!([{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MB"}]},
+                                      "system": "http://payer.example/member", "value": m}]);
+        }
+        p
+    }
+
+    fn change(offset: i64) -> Consumed {
+        let ev = ResourceChanged {
+            envelope: Envelope::new(ResourceChanged::EVENT_TYPE, 1, "c".into(), None),
+            mode: WriteMode::Single,
+            changes: vec![ResourceChange::upsert("Patient", "p1", patient("p1", "Doe", Some("M1")).to_string())],
+        };
+        consumed(topics::FHIR_CHANGES, offset, schemas::encode_event(&ev).unwrap())
+    }
+
+    /// A $member-match request from `client` at second `at`; `family` decides whether it matches.
+    fn request(offset: i64, client: &str, at: i64, family: &str) -> Consumed {
+        let mut env = Envelope::new(MemberMatchRequested::EVENT_TYPE, 1, format!("corr-{offset}"), Some(client.into()));
+        env.occurred_at = 1_800_000_000 * MICROS + at * MICROS;
+        let mut ev = MemberMatchRequested::new(env, MemberMatchRequestKind::Single, format!("hash-{family}"));
+        let member = if family == "Doe" { patient("1", family, Some("M1")) } else { patient("1", family, None) };
+        ev.member_patient = Some(member.to_string());
+        ev.coverage_to_match = Some(
+            json!({"resourceType": "Coverage", "status": "active", "beneficiary": {"reference": "Patient/1"},
+                   "payor": [{"identifier": {"value": "old-payer"}}]})
+            .to_string(),
+        );
+        consumed(topics::MEMBER_MATCH_REQUESTS, offset, schemas::encode_event(&ev).unwrap())
+    }
+
+    /// Applies `batches` to a fresh generation; the decisions emitted, as (outcome, repeated).
+    async fn decide(batches: &[&[Consumed]]) -> Vec<(MemberMatchOutcome, bool)> {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&Db::sqlite_url(dir.path()), 2).await.unwrap();
+        let p = MemberMatchProjection::new(PREFIX, MemberMatchConfig { max_failures: 3, ..Default::default() });
+        p.create_generation(&db, 1).await.unwrap();
+        let mut out = Vec::new();
+        for batch in batches {
+            let mut tx = db.pool.begin().await.unwrap();
+            let applied = p.apply(&mut tx, 1, batch).await.unwrap();
+            tx.commit().await.unwrap();
+            for (_, r) in applied.emit {
+                let d = schemas::decode_event::<MemberMatchDecided>(&r.value).unwrap();
+                out.push((d.outcome, d.repeated));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_batch_decides_as_its_requests_would_one_at_a_time() {
+        use MemberMatchOutcome::*;
+        let records = vec![
+            change(0),
+            request(0, "a", 1, "Doe"),
+            request(1, "a", 2, "Doe"), // the same content again: the same decision, repeated
+            request(2, "a", 3, "Roe"),
+            request(3, "a", 4, "Poe"),
+            request(4, "b", 5, "Roe"), // another client's failures are its own
+            request(5, "a", 6, "Zoe"),
+            request(6, "a", 7, "Moe"), // a's fourth failure in the window: over the limit of 3
+            request(7, "a", 8, "Doe"), // a repeat is answered even while throttled
+        ];
+        let expected = vec![
+            (Matched, false),
+            (Matched, true),
+            (NoMatch, false),
+            (NoMatch, false),
+            (NoMatch, false),
+            (NoMatch, false),
+            (Throttled, false),
+            (Matched, true),
+        ];
+        let one_by_one: Vec<&[Consumed]> = records.iter().map(std::slice::from_ref).collect();
+        assert_eq!(decide(&one_by_one).await, expected);
+        assert_eq!(decide(&[&records]).await, expected, "one batch, the same decisions");
+        let (head, tail) = records.split_at(4);
+        assert_eq!(decide(&[head, tail]).await, expected, "split across batches, the same decisions");
     }
 }
