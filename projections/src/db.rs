@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyConnection, AnyPool, Executor, Row};
 
 use crate::ProjectionError;
 
@@ -34,23 +34,52 @@ impl Drop for StopOnDrop {
 /// How often the WAL of a SQLite views database is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// WAL size past which the checkpoint task starts the WAL over (see below).
+/// (Also the WAL file's `journal_size_limit`, so a restart reuses the file instead of paying to
+/// truncate it in the next commit.)
+const RESTART_WAL_BYTES: i64 = 256 << 20;
+
 /// Checkpoints a SQLite views database in the background (PASSIVE: never blocks a writer), so
 /// no projection commit pays for one.
+///
+/// PASSIVE never starts the WAL over; a writer does, at a moment no reader holds a snapshot in
+/// it, and with the projections and the API reading all the time that moment may not come: the
+/// WAL reached 2.5 GB in a 200,000-resource load. So past `RESTART_WAL_BYTES` a RESTART follows,
+/// on a connection of its own that waits at most 50 ms for the readers (the writers wait as
+/// long), with little left to copy by then.
 fn spawn_checkpoints(pool: AnyPool) -> std::sync::Arc<StopOnDrop> {
     let stop = tokio_util::sync::CancellationToken::new();
     let token = stop.clone();
     tokio::spawn(async move {
+        let mut conn = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
                 _ = token.cancelled() => return,
             }
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            if let Err(e) = checkpoint(&pool, &mut conn).await {
+                // A new connection next round.
+                conn = None;
                 tracing::warn!(error = %e, "views checkpoint failed; retrying");
             }
         }
     });
     std::sync::Arc::new(StopOnDrop(stop))
+}
+
+async fn checkpoint(pool: &AnyPool, conn: &mut Option<(AnyConnection, i64)>) -> Result<(), sqlx::Error> {
+    if conn.is_none() {
+        let mut c = pool.acquire().await?.detach();
+        sqlx::query("PRAGMA busy_timeout=50").execute(&mut c).await?;
+        let page_size: i64 = sqlx::query("PRAGMA page_size").fetch_one(&mut c).await?.try_get(0)?;
+        *conn = Some((c, page_size.max(512)));
+    }
+    let Some((c, page_size)) = conn.as_mut() else { return Ok(()) };
+    let frames: i64 = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *c).await?.try_get(1)?;
+    if frames * *page_size >= RESTART_WAL_BYTES {
+        sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&mut *c).await?;
+    }
+    Ok(())
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -92,7 +121,7 @@ impl Db {
                         // page_size only takes effect on a new database; 16 KiB suits rows of kilobytes.
                         // No automatic checkpoints: one would run (and fsync) inside the commit that
                         // crossed the threshold; `spawn_checkpoints` does them apart.
-                        conn.execute("PRAGMA page_size=16384; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864;")
+                        conn.execute(format!("PRAGMA page_size=16384; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={RESTART_WAL_BYTES};").as_str())
                             .await?;
                     }
                     Ok(())

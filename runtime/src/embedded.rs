@@ -44,11 +44,35 @@ pub struct EmbeddedLog {
 /// How often the checkpoint thread copies the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// WAL size past which the checkpoint thread starts the WAL over.
+/// (Also the WAL file's `journal_size_limit`, so a restart reuses the file instead of paying to
+/// truncate it in the next commit.)
+const RESTART_WAL_BYTES: i64 = 256 << 20;
+/// How long such a restart may hold back the writer while it waits for readers to move on.
+const RESTART_WAIT: Duration = Duration::from_millis(50);
+
 /// Checkpoints the WAL (PASSIVE: never blocks the writer or readers) until the log is dropped.
+///
+/// A PASSIVE checkpoint copies the WAL into the database but never starts it over: only a
+/// writer does that, and only at a moment no reader holds a snapshot in it. Busy readers may
+/// never leave it one, and the WAL then grows without bound (gigabytes in a long load; its
+/// eventual truncation stalled a commit for most of a second). So past `RESTART_WAL_BYTES` a
+/// RESTART follows the PASSIVE one: little is left to copy by then, and it waits at most
+/// `RESTART_WAIT` for the readers before giving up until the next round.
 fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap_or(4096).max(512);
+    if let Err(e) = conn.busy_timeout(RESTART_WAIT) {
+        tracing::warn!(error = %e, "embedded log checkpoints: cannot set the busy timeout");
+    }
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "embedded log checkpoint failed; retrying");
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            Ok(frames) if frames * page_size >= RESTART_WAL_BYTES => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "embedded log WAL restart failed; retrying");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "embedded log checkpoint failed; retrying"),
         }
     }
 }
@@ -84,7 +108,7 @@ fn open_conn(path: &Path, fsync: bool, read_only: bool) -> Result<Connection, Lo
     // No automatic checkpoints: one would run (and fsync) inside whichever commit crossed the
     // threshold, stalling that append for tens of milliseconds. A thread of its own does them.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous={sync}; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864; PRAGMA cache_size=-65536; PRAGMA mmap_size=268435456; PRAGMA temp_store=MEMORY;"
+        "PRAGMA synchronous={sync}; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={RESTART_WAL_BYTES}; PRAGMA cache_size=-65536; PRAGMA mmap_size=268435456; PRAGMA temp_store=MEMORY;"
     ))
     .map_err(storage)?;
     Ok(conn)
