@@ -126,7 +126,7 @@ pub(crate) struct Latency {
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
     p999_ms: f64,
-    max_ms: f64,
+    pub(crate) max_ms: f64,
 }
 
 impl Latency {

@@ -208,13 +208,14 @@ impl Row {
     fn text(&self) -> String {
         let l = self.latency.as_ref();
         format!(
-            "{:<44} {:>7} {:>9.2} {:>10.0} {:>9} {:>9} {:>11}",
+            "{:<44} {:>7} {:>9.2} {:>10.0} {:>9} {:>9} {:>9} {:>11}",
             self.name,
             self.count,
             self.seconds,
             self.per_s(),
             l.map_or("n/a".into(), |l| format!("{:.2} ms", l.p50_ms)),
             l.map_or("n/a".into(), |l| format!("{:.2} ms", l.p99_ms)),
+            l.map_or("n/a".into(), |l| format!("{:.1} ms", l.max_ms)),
             self.rss_growth_kib.map_or("n/a".into(), |k| format!("{} MiB", k / 1024)),
         )
     }
@@ -222,6 +223,7 @@ impl Row {
     fn json(&self) -> Value {
         json!({"phase": self.name, "count": self.count, "seconds": self.seconds, "per_s": self.per_s(),
                "p50_ms": self.latency.as_ref().map(|l| l.p50_ms), "p99_ms": self.latency.as_ref().map(|l| l.p99_ms),
+               "max_ms": self.latency.as_ref().map(|l| l.max_ms),
                "rss_growth_kib": self.rss_growth_kib})
     }
 }
@@ -467,7 +469,7 @@ pub async fn run(args: MemberMatchBenchArgs) -> anyhow::Result<()> {
     .await;
     let rows = finish(app, dir, result).await?;
     let mut out = format!(
-        "\npayerx bench member-match: {}, {} members, {} CPUs\n{:<44} {:>7} {:>9} {:>10} {:>9} {:>9} {:>11}\n",
+        "\npayerx bench member-match: {}, {} members, {} CPUs\n{:<44} {:>7} {:>9} {:>10} {:>9} {:>9} {:>9} {:>11}\n",
         crate::bench::backends_label(&backend),
         args.members,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -477,6 +479,7 @@ pub async fn run(args: MemberMatchBenchArgs) -> anyhow::Result<()> {
         "per s",
         "p50",
         "p99",
+        "max",
         "RSS growth"
     );
     for r in &rows {
