@@ -20,6 +20,18 @@ pub enum ClientsCommand {
     Disable(ClientRef),
     /// Allow a disabled client again.
     Enable(ClientRef),
+    /// Set the organizations a client acts for (replacing them; none clears them).
+    Organizations(SetOrganizations),
+}
+
+#[derive(Debug, Args)]
+pub struct SetOrganizations {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    pub client_id: String,
+    /// `SYSTEM|VALUE` (repeatable), as for `clients add`.
+    #[arg(long = "organization")]
+    pub organizations: Vec<auth::OrganizationId>,
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +68,11 @@ pub struct AddClient {
     /// Scopes the client may ever be granted, space-separated (e.g. "system/*.rs").
     #[arg(long)]
     pub scope: String,
+    /// An organization the client acts for, `SYSTEM|VALUE` (repeatable): a payer's NPI, say
+    /// `http://hl7.org/fhir/sid/us-npi|1234567893`. A `$member-match` Consent must name one of
+    /// them as its recipient.
+    #[arg(long = "organization")]
+    pub organizations: Vec<auth::OrganizationId>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +128,7 @@ pub async fn clients(cmd: ClientsCommand) -> anyhow::Result<()> {
                     jwks_url: a.jwks_url,
                     jwks,
                     scope: a.scope,
+                    organizations: a.organizations,
                 },
             )
             .await?;
@@ -120,6 +138,11 @@ pub async fn clients(cmd: ClientsCommand) -> anyhow::Result<()> {
         ClientsCommand::Disable(c) => {
             auth::admin::disable_client(&c.backend.open_db().await?, &c.client_id).await?;
             print(&serde_json::json!({"client_id": c.client_id, "enabled": false}))
+        }
+        ClientsCommand::Organizations(o) => {
+            let db = o.backend.open_db().await?;
+            auth::admin::set_client_organizations(&db, &o.client_id, &o.organizations).await?;
+            print(&serde_json::json!({"client_id": o.client_id, "organizations": o.organizations}))
         }
         ClientsCommand::Enable(c) => {
             auth::admin::enable_client(&c.backend.open_db().await?, &c.client_id).await?;

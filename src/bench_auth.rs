@@ -97,6 +97,7 @@ pub(crate) async fn token(base: &str, backend: &BackendArgs) -> anyhow::Result<S
             jwks_url: None,
             jwks: None,
             scope: "system/*.*".into(),
+            organizations: Vec::new(),
         },
     )
     .await?;

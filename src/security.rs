@@ -70,6 +70,11 @@ impl TokenVerifier for Verifier {
             fhir_user: p.fhir_user,
             scope: p.scopes.to_string(),
             grants: Arc::new(Scopes(p.scopes)),
+            organizations: p
+                .organizations
+                .into_iter()
+                .map(|o| schemas::Identifier { system: Some(o.system), value: o.value })
+                .collect(),
         });
         if !self.cache_ttl.is_zero() {
             if let Ok(mut cache) = self.cache.lock() {

@@ -84,6 +84,51 @@ pub struct NewClient {
     pub jwks: Option<Value>,
     /// The scopes the client may ever be granted, space-separated.
     pub scope: String,
+    /// The organizations the client acts for (a payer's NPI, say). A payer's Consent for
+    /// `$member-match` must name one of them as its recipient.
+    #[serde(default)]
+    pub organizations: Vec<OrganizationId>,
+}
+
+/// An organization identifier, `system|value` on the command line and in listings.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct OrganizationId {
+    pub system: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for OrganizationId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('|') {
+            Some((system, value)) if !system.trim().is_empty() && !value.trim().is_empty() => {
+                Ok(OrganizationId { system: system.trim().to_string(), value: value.trim().to_string() })
+            }
+            _ => Err(format!("organization {s:?}: use SYSTEM|VALUE, e.g. http://hl7.org/fhir/sid/us-npi|1234567893")),
+        }
+    }
+}
+
+impl TryFrom<String> for OrganizationId {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for OrganizationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}|{}", self.system, self.value)
+    }
+}
+
+impl Serialize for OrganizationId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// A registered client, as listed (never with its secret).
@@ -101,6 +146,8 @@ pub struct ClientInfo {
     pub jwks: Option<Value>,
     pub enabled: bool,
     pub created_at: i64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub organizations: Vec<OrganizationId>,
 }
 
 /// The answer to [`add_client`]: the only time the secret is shown. Serializes to one flat
@@ -122,6 +169,8 @@ pub struct ClientCreated {
     pub jwks: Option<Value>,
     pub enabled: bool,
     pub created_at: i64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub organizations: Vec<OrganizationId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -157,6 +206,7 @@ fn info(c: &ClientRecord) -> ClientInfo {
         jwks: c.jwks.as_deref().and_then(|j| serde_json::from_str(j).ok()),
         enabled: c.enabled,
         created_at: c.created_at,
+        organizations: c.organizations.clone(),
     }
 }
 
@@ -270,6 +320,7 @@ pub async fn add_client(db: &Db, new: NewClient) -> Result<ClientCreated, AuthEr
         jwks,
         enabled: true,
         created_at: now(),
+        organizations: new.organizations,
     };
     store::insert_client(db, &record).await?;
     let i = info(&record);
@@ -285,6 +336,7 @@ pub async fn add_client(db: &Db, new: NewClient) -> Result<ClientCreated, AuthEr
         jwks: i.jwks,
         enabled: i.enabled,
         created_at: i.created_at,
+        organizations: i.organizations,
     })
 }
 
@@ -296,6 +348,20 @@ pub async fn list_clients(db: &Db) -> Result<Vec<ClientInfo>, AuthError> {
 pub async fn get_client(db: &Db, client_id: &str) -> Result<Option<ClientInfo>, AuthError> {
     init(db).await?;
     Ok(store::get_client(db, client_id).await?.as_ref().map(info))
+}
+
+/// Replaces the organizations a client acts for (none: the client speaks for no organization,
+/// and a member-match Consent's recipient is checked against CoverageToLink's payor instead).
+pub async fn set_client_organizations(
+    db: &Db,
+    client_id: &str,
+    organizations: &[OrganizationId],
+) -> Result<(), AuthError> {
+    init(db).await?;
+    if store::get_client(db, client_id).await?.is_none() {
+        return Err(AuthError::NotFound(format!("no client {client_id:?}")));
+    }
+    store::set_client_organizations(db, client_id, organizations).await
 }
 
 /// Disables a client: it can no longer get tokens, and its unexpired access tokens stop

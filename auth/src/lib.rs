@@ -31,7 +31,7 @@ mod server;
 mod store;
 mod token;
 
-pub use admin::{ClientCreated, ClientInfo, ClientKind, MemberCreated, NewClient};
+pub use admin::{ClientCreated, ClientInfo, ClientKind, MemberCreated, NewClient, OrganizationId};
 pub use error::AuthError;
 pub use keys::PUBLISHED_KEYS;
 pub use scopes::{Context, Interaction, Scope, ScopeSet};
@@ -99,6 +99,9 @@ pub struct Principal {
     pub jti: Option<String>,
     /// `exp`, epoch seconds.
     pub expires_at: i64,
+    /// The organizations the client is registered to act for (`payerx clients add
+    /// --organization`); empty for a client unknown here.
+    pub organizations: Vec<OrganizationId>,
 }
 
 /// Receives the security events of the authorization server. `record` must not block: an

@@ -506,10 +506,11 @@ impl AuthServer {
         let client_id = c.client_id.or(c.azp).or(c.cid).or_else(|| c.sub.clone()).unwrap_or_default();
         // Own tokens need a registered, enabled client; an external issuer's clients may be
         // unknown here, but one registered and disabled here is refused there too.
-        match (own, store::client_enabled(&self.db, &client_id).await?) {
-            (_, Some(true)) | (false, None) => {}
+        let organizations = match (own, store::client_status(&self.db, &client_id).await?) {
+            (_, Some((true, organizations))) => organizations,
+            (false, None) => Vec::new(),
             _ => return Err(AuthError::InvalidToken("the client of this token is disabled".into())),
-        }
+        };
         let scopes = match c.scope.or(c.scp) {
             Some(Value::String(s)) => ScopeSet::parse(&s),
             Some(Value::Array(a)) => ScopeSet::parse(&a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")),
@@ -530,6 +531,7 @@ impl AuthServer {
                 issuer: c.iss,
                 jti: c.jti,
                 expires_at: c.exp,
+                organizations,
             },
             iat: c.iat,
             own,

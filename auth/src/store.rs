@@ -6,7 +6,7 @@ use projections::Db;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::admin::ClientKind;
+use crate::admin::{ClientKind, OrganizationId};
 use crate::scopes::ScopeSet;
 use crate::AuthError;
 
@@ -23,6 +23,14 @@ const SCHEMA: &[&str] = &[
         jwks TEXT,
         enabled BIGINT NOT NULL,
         created_at BIGINT NOT NULL
+    )",
+    // The organizations a client acts for (a payer's NPI, say): a Consent's recipient must be
+    // one of them. A table of its own, so databases created before it need no migration.
+    "CREATE TABLE IF NOT EXISTS auth_client_organizations (
+        client_id TEXT NOT NULL,
+        system TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (client_id, system, value)
     )",
     // Members who sign in on the login page; failed_logins / locked_until drive the lockout.
     "CREATE TABLE IF NOT EXISTS auth_members (
@@ -140,6 +148,7 @@ pub(crate) struct ClientRecord {
     pub jwks: Option<String>,
     pub enabled: bool,
     pub created_at: i64,
+    pub organizations: Vec<OrganizationId>,
 }
 
 fn client_from_row(row: &AnyRow) -> Result<ClientRecord, AuthError> {
@@ -157,6 +166,7 @@ fn client_from_row(row: &AnyRow) -> Result<ClientRecord, AuthError> {
         jwks: row.try_get("jwks")?,
         enabled: row.try_get::<i64, _>("enabled")? != 0,
         created_at: row.try_get("created_at")?,
+        organizations: Vec::new(),
     })
 }
 
@@ -180,7 +190,34 @@ pub(crate) async fn insert_client(db: &Db, c: &ClientRecord) -> Result<(), AuthE
     .bind(c.created_at)
     .execute(&db.pool)
     .await?;
+    set_client_organizations(db, &c.client_id, &c.organizations).await
+}
+
+/// Replaces the organizations a client acts for.
+pub(crate) async fn set_client_organizations(
+    db: &Db,
+    client_id: &str,
+    organizations: &[OrganizationId],
+) -> Result<(), AuthError> {
+    let mut tx = db.pool.begin().await?;
+    sqlx::query("DELETE FROM auth_client_organizations WHERE client_id = $1").bind(client_id).execute(&mut *tx).await?;
+    for o in organizations {
+        sqlx::query(
+            "INSERT INTO auth_client_organizations (client_id, system, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(client_id)
+        .bind(&o.system)
+        .bind(&o.value)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
     Ok(())
+}
+
+async fn with_organizations(db: &Db, mut c: ClientRecord) -> Result<ClientRecord, AuthError> {
+    c.organizations = client_status(db, &c.client_id).await?.map(|(_, o)| o).unwrap_or_default();
+    Ok(c)
 }
 
 pub(crate) async fn get_client(db: &Db, client_id: &str) -> Result<Option<ClientRecord>, AuthError> {
@@ -188,14 +225,21 @@ pub(crate) async fn get_client(db: &Db, client_id: &str) -> Result<Option<Client
         .bind(client_id)
         .fetch_optional(&db.pool)
         .await?;
-    row.as_ref().map(client_from_row).transpose()
+    match row.as_ref().map(client_from_row).transpose()? {
+        Some(c) => Ok(Some(with_organizations(db, c).await?)),
+        None => Ok(None),
+    }
 }
 
 pub(crate) async fn list_clients(db: &Db) -> Result<Vec<ClientRecord>, AuthError> {
     let rows = sqlx::query(&format!("SELECT {CLIENT_COLUMNS} FROM auth_clients ORDER BY created_at, client_id"))
         .fetch_all(&db.pool)
         .await?;
-    rows.iter().map(client_from_row).collect()
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        out.push(with_organizations(db, client_from_row(row)?).await?);
+    }
+    Ok(out)
 }
 
 /// Returns whether the client exists.
@@ -208,13 +252,28 @@ pub(crate) async fn set_client_enabled(db: &Db, client_id: &str, enabled: bool) 
     Ok(r.rows_affected() > 0)
 }
 
-/// `Some(enabled)` for a registered client, `None` for an unknown one.
-pub(crate) async fn client_enabled(db: &Db, client_id: &str) -> Result<Option<bool>, AuthError> {
-    let row = sqlx::query("SELECT enabled FROM auth_clients WHERE client_id = $1")
-        .bind(client_id)
-        .fetch_optional(&db.pool)
-        .await?;
-    row.map(|r| r.try_get::<i64, _>("enabled").map(|e| e != 0)).transpose().map_err(AuthError::from)
+/// `Some((enabled, organizations))` for a registered client, `None` for an unknown one: what
+/// every verified token needs to know about its client, in one statement.
+pub(crate) async fn client_status(db: &Db, client_id: &str) -> Result<Option<(bool, Vec<OrganizationId>)>, AuthError> {
+    let rows = sqlx::query(
+        "SELECT c.enabled, o.system, o.value FROM auth_clients c
+         LEFT JOIN auth_client_organizations o ON o.client_id = c.client_id WHERE c.client_id = $1
+         ORDER BY o.system, o.value",
+    )
+    .bind(client_id)
+    .fetch_all(&db.pool)
+    .await?;
+    let Some(first) = rows.first() else { return Ok(None) };
+    let enabled = first.try_get::<i64, _>(0)? != 0;
+    let mut organizations = Vec::new();
+    for row in &rows {
+        if let (Some(system), Some(value)) =
+            (row.try_get::<Option<String>, _>(1)?, row.try_get::<Option<String>, _>(2)?)
+        {
+            organizations.push(OrganizationId { system, value });
+        }
+    }
+    Ok(Some((enabled, organizations)))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -468,7 +468,7 @@ impl AuthServer {
         };
         if r.status != "active"
             || r.expires_at < now()
-            || store::client_enabled(&self.db, &r.client_id).await? != Some(true)
+            || !matches!(store::client_status(&self.db, &r.client_id).await?, Some((true, _)))
         {
             return Ok(json!({"active": false}));
         }

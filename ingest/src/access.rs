@@ -41,6 +41,8 @@ pub struct Principal {
     /// The granted scopes as text (for audit).
     pub scope: String,
     pub grants: Arc<dyn Grants>,
+    /// The organizations the client is registered to act for (a payer's NPI, say).
+    pub organizations: Vec<schemas::Identifier>,
 }
 
 /// Why a token was not accepted (the message goes into `WWW-Authenticate` and the outcome).
@@ -101,6 +103,14 @@ impl Caller {
         match self {
             Caller::Open => None,
             Caller::Token(p) => Some(&p.client_id),
+        }
+    }
+
+    /// The organizations the calling client is registered to act for.
+    pub fn organizations(&self) -> &[schemas::Identifier] {
+        match self {
+            Caller::Open => &[],
+            Caller::Token(p) => &p.organizations,
         }
     }
 
@@ -310,6 +320,7 @@ mod tests {
             fhir_user: fhir_user.map(str::to_string),
             scope: "test".into(),
             grants: Arc::new(grants),
+            organizations: Vec::new(),
         }))
     }
 

@@ -144,7 +144,7 @@ pub fn add_member_match(cs: &mut Value, config: &crate::IngestConfig) {
              family name, first given name and gender), then demographics (normalized family and given name, birth date, gender; \
              postal code or telecom to tell apart). Exactly one match: 200 with MemberIdentifier (type hrex-temp#UMB) and MemberId. \
              No match, several matches, or a Consent that cannot be honoured: 422. Consent policies honoured: {policies}; the \
-             Consent must be active, its period must include today, and its recipient must be the payer of CoverageToLink. \
+             Consent must be active, its period must include today, and its recipient must be the calling payer (the organizations its client is registered for, else the payor of CoverageToLink). \
              The decision is awaited for {deadline} ms, then 503 with Retry-After (send the same request again for its decision). \
              Repeated failed matches by a client answer 429 with Retry-After."
         )

@@ -17,7 +17,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
-use processors::member_match::{self as mm, MatchRequest, RequestProblem};
+use processors::member_match::{self as mm, IdKey, MatchRequest, RequestProblem};
 use projections::member_match::{managing_entity, BulkJob, CATEGORIES, RESULT_SYSTEM};
 use runtime::{Log, LogError, Record};
 use schemas::smart::Interaction;
@@ -161,20 +161,32 @@ fn text(v: &Value) -> Option<String> {
     Some(v.to_string())
 }
 
+/// The requesting payer, whom a Consent must name as its recipient: the organizations the
+/// calling client is registered to act for; for a client registered without any (or with
+/// `--insecure-no-auth`), the payor that CoverageToLink names.
+fn requester(req: &MatchRequest, caller: &Caller) -> Vec<IdKey> {
+    let registered: Vec<IdKey> =
+        caller.organizations().iter().map(|o| IdKey { system: o.system.clone(), value: o.value.clone() }).collect();
+    if !registered.is_empty() {
+        return registered;
+    }
+    req.coverage_to_link.as_ref().map(mm::requester_identifiers).unwrap_or_default()
+}
+
 /// The request event of one match.
 fn request_event(
     req: &MatchRequest,
     kind: MemberMatchRequestKind,
     correlation: String,
-    client: Option<&str>,
+    caller: &Caller,
 ) -> MemberMatchRequested {
-    let env = Envelope::new(MemberMatchRequested::EVENT_TYPE, 1, correlation, client.map(str::to_string));
-    let mut ev = MemberMatchRequested::new(env, kind, mm::request_hash(req));
+    let env = Envelope::new(MemberMatchRequested::EVENT_TYPE, 1, correlation, caller.client_id().map(str::to_string));
+    let requester = requester(req, caller);
+    let mut ev = MemberMatchRequested::new(env, kind, mm::request_hash(req, &requester));
     ev.member_patient = text(&req.member_patient);
     ev.coverage_to_match = text(&req.coverage_to_match);
     ev.coverage_to_link = req.coverage_to_link.as_ref().and_then(text);
     ev.consent = req.consent.as_ref().and_then(text);
-    let requester = req.coverage_to_link.as_ref().map(mm::requester_identifiers).unwrap_or_default();
     if !requester.is_empty() {
         ev.requester = serde_json::to_string(&requester).ok();
     }
@@ -241,7 +253,7 @@ pub async fn member_match(
     let params = json_body(&state, &headers, body).await?;
     let req = mm::parse_request(&params).map_err(problem)?;
     let correlation = uuid::Uuid::now_v7().to_string();
-    let ev = request_event(&req, MemberMatchRequestKind::Single, correlation.clone(), client);
+    let ev = request_event(&req, MemberMatchRequestKind::Single, correlation.clone(), &caller);
     let rx = state.replies.register(&correlation);
     if let Err(e) = state.log.append(vec![record(&state, &ev)?]).await {
         state.replies.forget(&correlation);
@@ -411,7 +423,7 @@ pub async fn bulk_member_match(
             break;
         }
         let mut ev = match mm::parse_member_bundle(&param, &at) {
-            Ok(req) => request_event(&req, MemberMatchRequestKind::BulkMember, job.clone(), client.as_deref()),
+            Ok(req) => request_event(&req, MemberMatchRequestKind::BulkMember, job.clone(), &caller),
             Err(p) => {
                 // One member's problem never fails the batch: it is decided INVALID.
                 let env = Envelope::new(MemberMatchRequested::EVENT_TYPE, 1, job.clone(), client.clone());

@@ -744,8 +744,8 @@ pub fn check_consent(
     }
 
     if requester.is_empty() {
-        return Err("the Consent's recipient cannot be verified without CoverageToLink payor identifiers \
-             (the requesting payer is unknown)"
+        return Err("the Consent's recipient cannot be verified: the requesting payer is unknown (its client is \
+             registered with no organization, and CoverageToLink names no payor identifier)"
             .into());
     }
     let actors = array(provision, "actor");
@@ -756,7 +756,7 @@ pub fn check_consent(
     }
     if !recipients.iter().any(|r| requester.contains(r)) {
         return Err(format!(
-            "the Consent's recipients ({}) do not include the requesting payer ({}, from CoverageToLink.payor)",
+            "the Consent's recipients ({}) do not include the requesting payer ({})",
             show_ids(&recipients),
             show_ids(requester)
         ));
@@ -842,10 +842,11 @@ fn canonical(value: &Value) -> Value {
     }
 }
 
-/// SHA-256 hex of the request's content (canonical JSON of the four inputs), so a retried
-/// request is recognized.
-pub fn request_hash(req: &MatchRequest) -> String {
+/// SHA-256 hex of the request's content (canonical JSON of the four inputs) and of the payer it
+/// is made for, so a retried request is recognized, and one made for another payer is not.
+pub fn request_hash(req: &MatchRequest, requester: &[IdKey]) -> String {
     let mut inputs = serde_json::Map::new();
+    inputs.insert("requester".into(), serde_json::to_value(requester).unwrap_or(Value::Null));
     inputs.insert("Consent".into(), req.consent.clone().unwrap_or(Value::Null));
     inputs.insert("CoverageToLink".into(), req.coverage_to_link.clone().unwrap_or(Value::Null));
     inputs.insert("CoverageToMatch".into(), req.coverage_to_match.clone());
@@ -1462,7 +1463,7 @@ mod tests {
             r#"{"birthDate":"1974-12-25","name":[{"given":["Ann"],"family":"Person"}],"id":"1","resourceType":"Patient"}"#,
         )
         .unwrap();
-        let hash = |p: Value| request_hash(&request_for(p, "SUB-1"));
+        let hash = |p: Value| request_hash(&request_for(p, "SUB-1"), &[]);
         assert_eq!(hash(a.clone()), hash(b));
         assert_eq!(hash(a.clone()).len(), 64);
         let mut changed = a.clone();
@@ -1479,7 +1480,7 @@ mod tests {
         other_link.coverage_to_link.as_mut().unwrap()["id"] = json!("new2");
         let mut other_match = base.clone();
         other_match.coverage_to_match["subscriberId"] = json!("SUB-2");
-        let hashes = [&base, &without_consent, &other_link, &other_match].map(request_hash);
+        let hashes = [&base, &without_consent, &other_link, &other_match].map(|r| request_hash(r, &[]));
         for (i, a) in hashes.iter().enumerate() {
             for b in &hashes[i + 1..] {
                 assert_ne!(a, b);
@@ -1493,7 +1494,10 @@ mod tests {
         let mut renamed = params.clone();
         renamed["parameter"][1]["name"] = json!("CoverageToMatch");
         renamed["parameter"][2]["name"] = json!("CoverageToLink");
-        assert_eq!(request_hash(&parse_request(&params).unwrap()), request_hash(&parse_request(&renamed).unwrap()));
+        let (a, b) = (parse_request(&params).unwrap(), parse_request(&renamed).unwrap());
+        assert_eq!(request_hash(&a, &[]), request_hash(&b, &[]));
+        let payer = IdKey { system: Some("http://hl7.org/fhir/sid/us-npi".into()), value: "1".into() };
+        assert_ne!(request_hash(&a, &[]), request_hash(&a, &[payer]), "another requesting payer, another request");
     }
 
     #[test]

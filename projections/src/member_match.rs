@@ -803,7 +803,12 @@ impl MemberMatchProjection {
                 let id = member
                     .and_then(|m| m.member_identifier.clone())
                     .unwrap_or(IdKey { system: Some(PATIENT_ID_SYSTEM.into()), value: patient_id.clone() });
-                let requester = req.coverage_to_link.as_ref().map(mm::requester_identifiers).unwrap_or_default();
+                // Who asked, as ingest established it (the caller's registered organizations,
+                // else CoverageToLink's payor).
+                let requester: Vec<IdKey> = match ev.requester.as_deref().map(serde_json::from_str) {
+                    Some(Ok(ids)) => ids,
+                    _ => req.coverage_to_link.as_ref().map(mm::requester_identifiers).unwrap_or_default(),
+                };
                 let consent = match &req.consent {
                     None => Ok(None),
                     Some(c) => mm::check_consent(

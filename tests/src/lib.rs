@@ -129,21 +129,33 @@ impl Harness {
 
     /// Registers a client (as `payerx clients add` does) and returns its id and secret.
     pub async fn add_client(&self, name: &str, kind: &str, scope: &str, redirect_uris: &[&str]) -> (String, String) {
-        let db = self.backend.open_db().await.expect("views db");
         let kind: auth::ClientKind = serde_json::from_value(json!(kind)).expect("client kind");
-        let created = auth::admin::add_client(
-            &db,
-            auth::NewClient {
-                name: name.into(),
-                kind,
-                redirect_uris: redirect_uris.iter().map(|s| s.to_string()).collect(),
-                jwks_url: None,
-                jwks: None,
-                scope: scope.into(),
-            },
-        )
+        self.register(auth::NewClient {
+            name: name.into(),
+            kind,
+            redirect_uris: redirect_uris.iter().map(|s| s.to_string()).collect(),
+            scope: scope.into(),
+            ..Default::default()
+        })
         .await
-        .expect("client added");
+    }
+
+    /// Registers a confidential `system/*.*` backend client acting for `organizations`
+    /// (`SYSTEM|VALUE`), as `payerx clients add --organization` does; its id and secret.
+    pub async fn add_payer_client(&self, name: &str, organizations: &[&str]) -> (String, String) {
+        self.register(auth::NewClient {
+            name: name.into(),
+            kind: auth::ClientKind::ConfidentialSymmetric,
+            scope: "system/*.*".into(),
+            organizations: organizations.iter().map(|o| o.parse().expect("SYSTEM|VALUE")).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn register(&self, new: auth::NewClient) -> (String, String) {
+        let db = self.backend.open_db().await.expect("views db");
+        let created = auth::admin::add_client(&db, new).await.expect("client added");
         (created.client_id, created.client_secret.unwrap_or_default())
     }
 

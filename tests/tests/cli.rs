@@ -98,3 +98,53 @@ async fn generated_data_loads_cleanly() {
     assert_eq!(h.app().store().count("Patient").await.unwrap(), 20);
     h.stop().await;
 }
+
+/// `payerx clients add --organization` and `payerx clients organizations`: who a payer client
+/// acts for, as the member-match Consent check reads it.
+#[test]
+fn clients_carry_the_organizations_they_act_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let payerx = |args: &[&str]| {
+        let out = Command::new(payerx_binary()).args(args).arg("--data-dir").arg(dir.path()).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let npi = "http://hl7.org/fhir/sid/us-npi|1234567893";
+    let (ok, out, err) = payerx(&[
+        "clients",
+        "add",
+        "--name",
+        "new-plan",
+        "--kind",
+        "confidential-symmetric",
+        "--scope",
+        "system/*.*",
+        "--organization",
+        npi,
+    ]);
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["organizations"], serde_json::json!([npi]));
+    let id = created["client_id"].as_str().unwrap().to_string();
+    let listed = |s: &str| -> serde_json::Value { serde_json::from_str(s).unwrap() };
+    let (_, out, _) = payerx(&["clients", "list"]);
+    assert_eq!(listed(&out)[0]["organizations"], serde_json::json!([npi]));
+    // Replaced, then cleared.
+    let (ok, _, err) =
+        payerx(&["clients", "organizations", &id, "--organization", "urn:oid:2.16.840.1.113883.4.6|999"]);
+    assert!(ok, "{err}");
+    let (_, out, _) = payerx(&["clients", "list"]);
+    assert_eq!(listed(&out)[0]["organizations"], serde_json::json!(["urn:oid:2.16.840.1.113883.4.6|999"]));
+    assert!(payerx(&["clients", "organizations", &id]).0);
+    let (_, out, _) = payerx(&["clients", "list"]);
+    assert!(listed(&out)[0].get("organizations").is_none(), "{out}");
+    // An identifier without a system is refused with how to write it.
+    let (ok, _, err) = payerx(&["clients", "organizations", &id, "--organization", "1234567893"]);
+    assert!(!ok);
+    assert!(err.contains("SYSTEM|VALUE"), "{err}");
+    let (ok, _, err) = payerx(&["clients", "organizations", "no-such-client"]);
+    assert!(!ok && err.contains("no-such-client"), "{err}");
+}

@@ -15,6 +15,7 @@ both_tiers!(
     one_match_answers_the_member_identifier_the_patient_is_found_by,
     no_match_and_two_matches_are_422_and_decisions_hide_the_inputs,
     consent_that_cannot_be_honoured_and_foreign_references_are_refused,
+    the_consent_recipient_is_the_calling_organization,
     the_seed_request_with_old_parameter_names_matches,
     replay_yields_the_same_decisions,
     bulk_member_match_with_mixed_outcomes,
@@ -286,6 +287,49 @@ async fn consent_that_cannot_be_honoured_and_foreign_references_are_refused(h: H
     let (status, out, _) = member_match(&h, &json!({"resourceType": "Patient"})).await;
     assert_eq!(status, 400, "{out}");
     assert_eq!(decisions(&h).await.len(), 4, "only the four consent cases were decided");
+    h.stop().await;
+}
+
+/// `$member-match` as the client `id` (a fresh token each time, so registration changes show).
+async fn member_match_as(h: &Harness, id: &str, secret: &str, body: &Value) -> (u16, Value) {
+    let token = h.client_credentials(id, secret, "system/*.*").await;
+    let r = h
+        .client
+        .post(h.url("/fhir/Patient/$member-match"))
+        .bearer_auth(token)
+        .header("content-type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn the_consent_recipient_is_the_calling_organization(h: Harness) {
+    enrol(&h, "org-1", "Okafor", &["Ada"], "1971-07-07", "M5001", "S5001").await;
+    const CALLER: &str = "1112223333";
+    let (id, secret) = h.add_payer_client("registered-payer", &[&format!("{NPI}|{CALLER}")]).await;
+    let ask = |recipient: &str| {
+        request(
+            member_patient("Okafor", &["Ada"], "1971-07-07"),
+            coverage_to_match(Some("S5001")),
+            Some(consent(REGULAR, "2026-01-01", "2099-12-31", recipient)),
+        )
+    };
+    // CoverageToLink names NEW_PAYER, and so does the Consent; but the caller is registered as
+    // CALLER, so the Consent does not authorize disclosure to it.
+    let (status, out) = member_match_as(&h, &id, &secret, &ask(NEW_PAYER)).await;
+    assert_eq!(status, 422, "{out}");
+    let text = diagnostics(&out);
+    assert!(text.contains("recipient") && text.contains(CALLER), "{text}");
+    // A Consent naming the caller is honoured, whatever CoverageToLink says.
+    let (status, out) = member_match_as(&h, &id, &secret, &ask(CALLER)).await;
+    assert_eq!(status, 200, "{out}");
+    // Registered without organizations, the client is taken at CoverageToLink's word.
+    let db = h.backend.open_db().await.unwrap();
+    auth::admin::set_client_organizations(&db, &id, &[]).await.unwrap();
+    let (status, out) = member_match_as(&h, &id, &secret, &ask(NEW_PAYER)).await;
+    assert_eq!(status, 200, "{out}");
     h.stop().await;
 }
 
