@@ -48,6 +48,42 @@ pub struct MemberRecord {
     pub identifiers: Vec<IdKey>,
     /// The identifier payerx returns as `MemberIdentifier` (see [`member_identifier`]).
     pub member_identifier: Option<IdKey>,
+    /// The member's coverage periods here (from the Coverages whose beneficiary it is), attached
+    /// by the host when it looks the member up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coverage_periods: Vec<Period>,
+}
+
+/// A `Period`: `start` and `end` as given (any FHIR date/dateTime precision); open when absent.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Period {
+    pub start: Option<String>,
+    pub end: Option<String>,
+}
+
+impl Period {
+    pub fn of(v: &Value) -> Option<Period> {
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let p = Period { start: text("start"), end: text("end") };
+        (p.start.is_some() || p.end.is_some()).then_some(p)
+    }
+
+    /// Whether the two periods share a day, compared at the coarser precision of each pair of
+    /// bounds (a coverage ending `2024` overlaps one starting `2024-06-01`).
+    pub fn overlaps(&self, other: &Period) -> bool {
+        let before = |end: &Option<String>, start: &Option<String>| match (end, start) {
+            (Some(e), Some(s)) => {
+                let n = e.len().min(s.len()).min(10);
+                e.get(..n).unwrap_or(e) < s.get(..n).unwrap_or(s)
+            }
+            _ => false,
+        };
+        !before(&self.end, &other.start) && !before(&other.end, &self.start)
+    }
+
+    fn show(&self) -> String {
+        format!("{}..{}", self.start.as_deref().unwrap_or(""), self.end.as_deref().unwrap_or(""))
+    }
 }
 
 /// A Coverage reduced to what matching needs.
@@ -92,6 +128,10 @@ pub struct Probe {
     pub identifiers: Vec<IdKey>,
     /// The request's member, normalized like the index.
     pub member: MemberRecord,
+    /// `CoverageToMatch.period`: when given, a member is matched only if one of its coverages
+    /// here overlaps it (or none of them states a period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage_period: Option<Period>,
 }
 
 /// How a request was decided.
@@ -549,7 +589,8 @@ pub fn probe(req: &MatchRequest) -> Probe {
             push_unique(&mut identifiers, IdKey { system: None, value: subscriber.to_string() });
         }
     }
-    Probe { identifiers, member }
+    let coverage_period = req.coverage_to_match.get("period").and_then(Period::of);
+    Probe { identifiers, member, coverage_period }
 }
 
 /// The candidates without repeats of a patient (first kept).
@@ -604,7 +645,31 @@ pub const DEMOGRAPHICS_DIFFER: &str =
 /// the probe's identifiers (directly or via a Coverage's beneficiary, deduplicated by patient);
 /// `by_demographics` are the members with the probe's family name and birth date (looked up only
 /// when `by_identifier` is empty).
+///
+/// When the request gives `CoverageToMatch.period`, a candidate whose coverages here all state
+/// periods that miss it is not the member the request describes; with no candidate left the
+/// answer says so.
 pub fn decide(probe: &Probe, by_identifier: &[MemberRecord], by_demographics: &[MemberRecord]) -> Verdict {
+    let Some(asked) = &probe.coverage_period else { return decide_by_person(probe, by_identifier, by_demographics) };
+    let covered = |m: &&MemberRecord| {
+        let stated: Vec<&Period> = m.coverage_periods.iter().filter(|p| p.start.is_some() || p.end.is_some()).collect();
+        stated.is_empty() || stated.iter().any(|p| p.overlaps(asked))
+    };
+    let keep = |c: &[MemberRecord]| -> Vec<MemberRecord> { c.iter().filter(covered).cloned().collect() };
+    let (ids, demo) = (keep(by_identifier), keep(by_demographics));
+    let verdict = decide_by_person(probe, &ids, &demo);
+    if let (Verdict::NoMatch { .. }, Verdict::Matched { .. }) =
+        (&verdict, decide_by_person(probe, by_identifier, by_demographics))
+    {
+        // Say why, without the periods held here.
+        return Verdict::NoMatch {
+            reason: format!("no member was covered here during CoverageToMatch.period ({})", asked.show()),
+        };
+    }
+    verdict
+}
+
+fn decide_by_person(probe: &Probe, by_identifier: &[MemberRecord], by_demographics: &[MemberRecord]) -> Verdict {
     let request = &probe.member;
     if !by_identifier.is_empty() {
         let agreeing: Vec<&MemberRecord> =
@@ -1254,6 +1319,44 @@ mod tests {
         let probe = probe_for(member_patient());
         let found = member(patient("p1", "PERSON", &["Patricia"], "1974-12-25"));
         assert_eq!(decide(&probe, &[found.clone(), found], &[]), matched("p1", Rule::Identifier));
+    }
+
+    fn period(start: Option<&str>, end: Option<&str>) -> Period {
+        Period { start: start.map(str::to_string), end: end.map(str::to_string) }
+    }
+
+    #[test]
+    fn periods_overlap_at_the_coarser_precision() {
+        let y2024 = period(Some("2024-01-01"), Some("2024-12-31"));
+        assert!(y2024.overlaps(&period(Some("2024-12-31"), None)), "a shared last day");
+        assert!(!y2024.overlaps(&period(Some("2025-01-01"), None)));
+        assert!(y2024.overlaps(&period(None, Some("2024"))), "a year-precision end");
+        assert!(!y2024.overlaps(&period(None, Some("2023-12-31"))));
+        assert!(period(None, None).overlaps(&y2024), "open both ways");
+        assert!(period(Some("2024-06-01T00:00:00Z"), None).overlaps(&y2024), "dateTime bounds");
+    }
+
+    #[test]
+    fn coverage_to_match_period_must_meet_a_coverage_here() {
+        let mut req = request_for(member_patient(), "SUB-1");
+        req.coverage_to_match["period"] = json!({"start": "2023-01-01", "end": "2023-12-31"});
+        let probe = probe(&req);
+        assert_eq!(probe.coverage_period, Some(period(Some("2023-01-01"), Some("2023-12-31"))));
+        let mut found = member(patient("p1", "PERSON", &["Patricia"], "1974-12-25"));
+        // No coverage period known here: the period is no evidence against the member.
+        assert_eq!(decide(&probe, &[found.clone()], &[]), matched("p1", Rule::Identifier));
+        found.coverage_periods = vec![period(Some("2020-01-01"), Some("2021-12-31"))];
+        let verdict = decide(&probe, &[found.clone()], &[]);
+        let Verdict::NoMatch { reason } = verdict else { panic!("expected NoMatch, got {verdict:?}") };
+        assert!(reason.contains("CoverageToMatch.period") && !reason.contains("2020"), "{reason}");
+        found.coverage_periods.push(period(Some("2023-07-01"), None));
+        assert_eq!(decide(&probe, &[found.clone()], &[]), matched("p1", Rule::Identifier));
+        // Two members by demographics, one covered then: the period tells them apart.
+        let mut other = member(patient("p2", "PERSON", &["Patricia"], "1974-12-25"));
+        other.coverage_periods = vec![period(Some("2010-01-01"), Some("2011-01-01"))];
+        let mut by_name = req.clone();
+        by_name.coverage_to_match.as_object_mut().unwrap().remove("subscriberId");
+        assert_eq!(decide(&super::probe(&by_name), &[], &[found, other]), matched("p1", Rule::Demographics));
     }
 
     #[test]

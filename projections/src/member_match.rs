@@ -45,6 +45,10 @@ fn names_table(g: i64) -> String {
 fn ids_table(g: i64) -> String {
     format!("mm_ids_g{g}")
 }
+/// Coverages in the index: who they cover, and when.
+fn coverages_table(g: i64) -> String {
+    format!("mm_coverages_g{g}")
+}
 fn decisions_table(g: i64) -> String {
     format!("mm_decisions_g{g}")
 }
@@ -187,8 +191,26 @@ async fn apply_change(tx: &mut Transaction<'_, Any>, g: i64, c: &ResourceChange)
         "Coverage" => {
             let source = format!("Coverage/{}", c.resource_id);
             forget_source(tx, g, &source).await?;
+            sqlx::query(&format!("DELETE FROM {} WHERE coverage_id = $1", coverages_table(g)))
+                .bind(c.resource_id.as_str())
+                .execute(&mut **tx)
+                .await?;
             let Some(cov) = content.as_ref().and_then(mm::coverage_from) else { return Ok(()) };
             let Some(patient) = cov.beneficiary.as_deref() else { return Ok(()) };
+            if cov.status.as_deref() != Some("entered-in-error") {
+                sqlx::query(&format!(
+                    "INSERT INTO {} (coverage_id, patient_id, status, period_start, period_end, payors) VALUES ($1, $2, $3, $4, $5, $6)",
+                    coverages_table(g)
+                ))
+                .bind(c.resource_id.as_str())
+                .bind(patient)
+                .bind(cov.status.as_deref())
+                .bind(cov.period_start.as_deref())
+                .bind(cov.period_end.as_deref())
+                .bind(serde_json::to_string(&cov.payors).map_err(json_err)?)
+                .execute(&mut **tx)
+                .await?;
+            }
             let mut ids = cov.identifiers.clone();
             if let Some(s) = &cov.subscriber_id {
                 ids.push(IdKey { system: None, value: s.clone() });
@@ -287,7 +309,7 @@ impl Candidates {
     }
 
     /// Members reached through the probe's identifiers (directly, or as a Coverage's beneficiary).
-    fn by_identifier(&self, ids: &[IdKey]) -> Vec<MemberRecord> {
+    fn by_identifier(&self, ids: &[IdKey]) -> Vec<usize> {
         let mut out: Vec<usize> = Vec::new();
         for id in ids {
             for (system, slot) in self.by_value.get(&id.value).map(Vec::as_slice).unwrap_or_default() {
@@ -301,10 +323,10 @@ impl Candidates {
                 }
             }
         }
-        out.into_iter().map(|i| self.members[i].clone()).collect()
+        out
     }
 
-    fn by_demographics(&self, member: &MemberRecord) -> Vec<MemberRecord> {
+    fn by_demographics(&self, member: &MemberRecord) -> Vec<usize> {
         let Some(birth_date) = &member.birth_date else { return Vec::new() };
         let mut out: Vec<usize> = Vec::new();
         for family in &member.families {
@@ -314,7 +336,32 @@ impl Candidates {
                 }
             }
         }
-        out.into_iter().map(|i| self.members[i].clone()).collect()
+        out
+    }
+
+    /// Attaches the coverage periods held for every member found.
+    async fn load_coverage_periods(&mut self, tx: &mut Transaction<'_, Any>, g: i64) -> Result<(), ProjectionError> {
+        let ids: Vec<String> = self.slot.keys().cloned().collect();
+        for chunk in ids.chunks(LOOKUP_CHUNK) {
+            let sql = format!(
+                "SELECT patient_id, period_start, period_end FROM {} WHERE patient_id IN ({})",
+                coverages_table(g),
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                let Some(slot) = self.slot.get(&row.try_get::<String, _>(0)?).copied() else { continue };
+                self.members[slot].coverage_periods.push(mm::Period { start: row.try_get(1)?, end: row.try_get(2)? });
+            }
+        }
+        Ok(())
+    }
+
+    fn records(&self, slots: &[usize]) -> Vec<MemberRecord> {
+        slots.iter().map(|i| self.members[*i].clone()).collect()
     }
 }
 
@@ -328,7 +375,7 @@ async fn candidates(
     let mut index = Candidates::default();
     let values = probes.iter().flat_map(|p| p.identifiers.iter().map(|id| id.value.as_str())).collect();
     index.load_identifiers(tx, g, values).await?;
-    let found: Vec<Vec<MemberRecord>> = probes.iter().map(|p| index.by_identifier(&p.identifiers)).collect();
+    let found: Vec<Vec<usize>> = probes.iter().map(|p| index.by_identifier(&p.identifiers)).collect();
     let mut keys = BTreeSet::new();
     for (probe, found) in probes.iter().zip(&found) {
         if let (true, Some(birth_date)) = (found.is_empty(), &probe.member.birth_date) {
@@ -338,12 +385,16 @@ async fn candidates(
     if !keys.is_empty() {
         index.load_demographics(tx, g, keys).await?;
     }
+    // Coverage periods matter only to a request that gives CoverageToMatch.period.
+    if probes.iter().any(|p| p.coverage_period.is_some()) {
+        index.load_coverage_periods(tx, g).await?;
+    }
     Ok(probes
         .iter()
         .zip(found)
         .map(|(probe, found)| {
             let by_demo = if found.is_empty() { index.by_demographics(&probe.member) } else { Vec::new() };
-            (found, by_demo)
+            (index.records(&found), index.records(&by_demo))
         })
         .collect())
 }
@@ -966,7 +1017,7 @@ impl Projection for MemberMatchProjection {
     }
 
     async fn create_generation(&self, db: &Db, g: i64) -> Result<(), ProjectionError> {
-        let (members, names, ids) = (members_table(g), names_table(g), ids_table(g));
+        let (members, names, ids, coverages) = (members_table(g), names_table(g), ids_table(g), coverages_table(g));
         let (decisions, links, jobs, job_members) =
             (decisions_table(g), links_table(g), jobs_table(g), job_members_table(g));
         for stmt in [
@@ -980,6 +1031,11 @@ impl Projection for MemberMatchProjection {
                 "CREATE TABLE IF NOT EXISTS {ids} (value TEXT NOT NULL, system TEXT NOT NULL, patient_id TEXT NOT NULL, source TEXT NOT NULL)"
             ),
             format!("CREATE INDEX IF NOT EXISTS {ids}_value ON {ids} (value)"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {coverages} (coverage_id TEXT PRIMARY KEY, patient_id TEXT NOT NULL, status TEXT,
+                 period_start TEXT, period_end TEXT, payors TEXT NOT NULL)"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {coverages}_patient ON {coverages} (patient_id)"),
             format!("CREATE INDEX IF NOT EXISTS {ids}_source ON {ids} (source)"),
             format!(
                 "CREATE TABLE IF NOT EXISTS {decisions} (request_id TEXT PRIMARY KEY, request_hash TEXT NOT NULL,
@@ -1014,6 +1070,7 @@ impl Projection for MemberMatchProjection {
             members_table(g),
             names_table(g),
             ids_table(g),
+            coverages_table(g),
             decisions_table(g),
             links_table(g),
             jobs_table(g),
@@ -1306,6 +1363,16 @@ impl MemberMatchStore {
         let (found, by_demo) = candidates(&mut tx, g, &[&probe]).await?.pop().unwrap_or_default();
         tx.commit().await?;
         Ok(mm::decide(&probe, &found, &by_demo))
+    }
+
+    /// Whether the member index holds this Coverage (with its period).
+    pub async fn coverage_indexed(&self, coverage_id: &str) -> Result<bool, ProjectionError> {
+        let Some(g) = self.generation().await? else { return Ok(false) };
+        let row = sqlx::query(&format!("SELECT 1 FROM {} WHERE coverage_id = $1", coverages_table(g)))
+            .bind(coverage_id)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(row.is_some())
     }
 
     /// Whether the member index holds this Patient (the index follows the changes topic on its

@@ -16,6 +16,7 @@ both_tiers!(
     no_match_and_two_matches_are_422_and_decisions_hide_the_inputs,
     consent_that_cannot_be_honoured_and_foreign_references_are_refused,
     the_consent_recipient_is_the_calling_organization,
+    coverage_to_match_period_must_meet_the_coverage_held,
     the_seed_request_with_old_parameter_names_matches,
     replay_yields_the_same_decisions,
     bulk_member_match_with_mixed_outcomes,
@@ -57,10 +58,10 @@ async fn enrol(h: &Harness, id: &str, family: &str, given: &[&str], birth: &str,
     assert_eq!(h.put(&format!("/fhir/Coverage/cov-{id}"), &c).await.status(), 201);
     // The member index follows the changes on its own, a moment behind the read view.
     let store = h.app().matches.clone().unwrap();
-    h.eventually("the member index has the patient", || {
+    h.eventually("the member index has the patient and its coverage", || {
         let store = store.clone();
         let id = id.to_string();
-        async move { store.indexed(&id).await.unwrap() }
+        async move { store.indexed(&id).await.unwrap() && store.coverage_indexed(&format!("cov-{id}")).await.unwrap() }
     })
     .await;
 }
@@ -330,6 +331,24 @@ async fn the_consent_recipient_is_the_calling_organization(h: Harness) {
     auth::admin::set_client_organizations(&db, &id, &[]).await.unwrap();
     let (status, out) = member_match_as(&h, &id, &secret, &ask(NEW_PAYER)).await;
     assert_eq!(status, 200, "{out}");
+    h.stop().await;
+}
+
+async fn coverage_to_match_period_must_meet_the_coverage_held(h: Harness) {
+    // Covered here 2020-01-01 .. 2025-12-31 (see `enrol`).
+    enrol(&h, "per-1", "Tanaka", &["Yui"], "1988-08-08", "M6001", "S6001").await;
+    let ask = |start: &str, end: &str| {
+        let mut to_match = coverage_to_match(Some("S6001"));
+        to_match["period"] = json!({"start": start, "end": end});
+        request(member_patient("Tanaka", &["Yui"], "1988-08-08"), to_match, None)
+    };
+    let (status, out, _) = member_match(&h, &ask("2026-01-01", "2026-12-31")).await;
+    assert_eq!(status, 422, "{out}");
+    let text = diagnostics(&out);
+    assert!(text.contains("CoverageToMatch.period") && !text.contains("2020"), "{text}");
+    let (status, out, _) = member_match(&h, &ask("2025-06-01", "2026-05-31")).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(param(&out, "MemberId")["valueReference"]["reference"], "Patient/per-1");
     h.stop().await;
 }
 
