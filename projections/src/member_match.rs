@@ -673,6 +673,106 @@ async fn record_decision(
     Ok(true)
 }
 
+/// Rows per multi-row statement when recording a run's decisions (8 columns each).
+const RECORD_CHUNK: usize = 100;
+
+/// [`record_decision`] with [`Recorded::IfNew`] for a whole run of fresh decisions (never
+/// BULK_COMPLETED), in a few multi-row statements: which of them were new, in order.
+async fn record_new_decisions(
+    tx: &mut Transaction<'_, Any>,
+    g: i64,
+    items: &[(&MemberMatchDecided, Option<&str>)],
+) -> Result<Vec<bool>, ProjectionError> {
+    let mut inserted: HashSet<String> = HashSet::new();
+    for chunk in items.chunks(RECORD_CHUNK) {
+        let rows: Vec<String> = (0..chunk.len()).map(|r| format!("({})", placeholders(r * 8 + 1, 8))).collect();
+        let sql = format!(
+            "INSERT INTO {} (request_id, request_hash, client_id, outcome, decided_at, failed, bulk_job, body)
+             VALUES {} ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+            decisions_table(g),
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (d, _) in chunk {
+            let failed = i64::from(d.outcome.is_failed_attempt() && !d.repeated && d.bulk_job.is_none());
+            query = query
+                .bind(d.request_id.as_str())
+                .bind(d.request_hash.as_str())
+                .bind(client_of(&d.envelope))
+                .bind(d.outcome.as_str())
+                .bind(d.envelope.occurred_at)
+                .bind(failed)
+                .bind(d.bulk_job.as_deref())
+                .bind(serde_json::to_string(d).map_err(json_err)?);
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            inserted.insert(row.try_get(0)?);
+        }
+    }
+    // New: inserted now, and the first of the run with its id (a redelivered request may repeat).
+    let new: Vec<bool> = items.iter().map(|(d, _)| inserted.remove(&d.request_id)).collect();
+
+    let links: Vec<&MemberMatchDecided> = items
+        .iter()
+        .zip(&new)
+        .filter(|((d, _), new)| **new && d.outcome == MemberMatchOutcome::Matched && d.patient_id.is_some())
+        .map(|((d, _), _)| *d)
+        .collect();
+    for chunk in links.chunks(RECORD_CHUNK) {
+        let rows: Vec<String> = (0..chunk.len()).map(|r| format!("({})", placeholders(r * 8 + 1, 8))).collect();
+        let sql = format!(
+            "INSERT INTO {} (request_id, patient_id, client_id, policy, period_start, period_end, coverage_to_link, consent)
+             VALUES {} ON CONFLICT (request_id) DO NOTHING",
+            links_table(g),
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for d in chunk {
+            query = query
+                .bind(d.request_id.as_str())
+                .bind(d.patient_id.as_deref())
+                .bind(client_of(&d.envelope))
+                .bind(d.consent_policy.as_deref())
+                .bind(d.consent_start.as_deref())
+                .bind(d.consent_end.as_deref())
+                .bind(d.coverage_to_link.as_deref())
+                .bind(d.consent.as_deref());
+        }
+        query.execute(&mut **tx).await?;
+    }
+
+    // Bulk members, the last decision per (job, index): one statement may not update a row twice.
+    let mut members: BTreeMap<(&str, i32), (&MemberMatchDecided, Option<&str>)> = BTreeMap::new();
+    for ((d, member_patient), new) in items.iter().zip(&new) {
+        if let (true, Some(job), Some(index)) = (*new, d.bulk_job.as_deref(), d.bulk_index) {
+            members.insert((job, index), (*d, *member_patient));
+        }
+    }
+    let members: Vec<_> = members.into_iter().collect();
+    for chunk in members.chunks(RECORD_CHUNK) {
+        let rows: Vec<String> = (0..chunk.len()).map(|r| format!("({})", placeholders(r * 6 + 1, 6))).collect();
+        let t = job_members_table(g);
+        let sql = format!(
+            "INSERT INTO {t} (job_id, idx, outcome, patient_id, member_patient, reason) VALUES {}
+             ON CONFLICT (job_id, idx) DO UPDATE SET outcome = excluded.outcome, patient_id = excluded.patient_id,
+               reason = excluded.reason, member_patient = COALESCE(excluded.member_patient, {t}.member_patient)",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for ((job, index), (d, member_patient)) in chunk {
+            query = query
+                .bind(*job)
+                .bind(i64::from(*index))
+                .bind(category(d.outcome))
+                .bind(d.patient_id.as_deref().filter(|_| d.outcome == MemberMatchOutcome::Matched))
+                .bind(*member_patient)
+                .bind(d.reason.as_deref());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(new)
+}
+
 /// The bulk output Group a decision puts its member in.
 pub fn category(outcome: MemberMatchOutcome) -> &'static str {
     match outcome {
@@ -1199,8 +1299,11 @@ impl MemberMatchProjection {
             }
         }
         let decisions = self.decide_group(tx, g, records, &run).await?;
-        for ((i, ev), d) in run.iter().zip(decisions) {
-            if !record_decision(tx, g, &d, ev.member_patient.as_deref(), Recorded::IfNew).await? {
+        let items: Vec<(&MemberMatchDecided, Option<&str>)> =
+            decisions.iter().zip(&run).map(|(d, (_, ev))| (d, ev.member_patient.as_deref())).collect();
+        let new = record_new_decisions(tx, g, &items).await?;
+        for (((i, ev), d), new) in run.iter().zip(&decisions).zip(new) {
+            if !new {
                 // Rebuilding: the decision came first from the decisions topic, which carries no
                 // demographics; the bulk output needs this member's MemberPatient.
                 if let (Some(job), Some(index)) = (&ev.bulk_job, ev.bulk_index) {
@@ -1217,7 +1320,7 @@ impl MemberMatchProjection {
                 continue;
             }
             metrics::counter!("payerx_member_match_decisions_total", "outcome" => d.outcome.as_str()).increment(1);
-            applied.emit.push((*i, self.decision_record(&d)?));
+            applied.emit.push((*i, self.decision_record(d)?));
             if let Some(job) = &ev.bulk_job {
                 if jobs.get_mut(job).is_some_and(JobProgress::one_more) {
                     for out in self.completion(tx, g, &records[*i], &ev.envelope, job).await? {
@@ -1483,8 +1586,15 @@ mod tests {
         consumed(topics::MEMBER_MATCH_REQUESTS, offset, schemas::encode_event(&ev).unwrap())
     }
 
-    /// Applies `batches` to a fresh generation; the decisions emitted, as (outcome, repeated).
+    /// Applies `batches` to a fresh generation; the decisions emitted, as (outcome, repeated),
+    /// then the rows recorded: decisions, failed attempts, member links.
     async fn decide(batches: &[&[Consumed]]) -> Vec<(MemberMatchOutcome, bool)> {
+        let (out, rows) = decide_and_count(batches).await;
+        assert_eq!(rows, (out.len() as i64, 4, 3), "every decision recorded, with its counters and links");
+        out
+    }
+
+    async fn decide_and_count(batches: &[&[Consumed]]) -> (Vec<(MemberMatchOutcome, bool)>, (i64, i64, i64)) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::connect(&Db::sqlite_url(dir.path()), 2).await.unwrap();
         let p = MemberMatchProjection::new(PREFIX, MemberMatchConfig { max_failures: 3, ..Default::default() });
@@ -1499,7 +1609,16 @@ mod tests {
                 out.push((d.outcome, d.repeated));
             }
         }
-        out
+        let count = |sql: String| {
+            let pool = db.pool.clone();
+            async move { sqlx::query(&sql).fetch_one(&pool).await.unwrap().try_get::<i64, _>(0).unwrap() }
+        };
+        let rows = (
+            count(format!("SELECT COUNT(*) FROM {}", decisions_table(1))).await,
+            count(format!("SELECT COUNT(*) FROM {} WHERE failed = 1", decisions_table(1))).await,
+            count(format!("SELECT COUNT(*) FROM {}", links_table(1))).await,
+        );
+        (out, rows)
     }
 
     #[tokio::test]
