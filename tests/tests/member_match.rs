@@ -396,17 +396,8 @@ async fn repeated_failures_trip_the_limit_per_client(h: Harness) {
     assert_eq!(out["issue"][0]["code"], "throttled");
     // Another client is not affected.
     let (id, secret) = h.add_client("other-payer", "confidential-symmetric", "system/*.*", &[]).await;
-    let token = h.client_credentials(&id, &secret, "system/*.*").await;
-    let r = h
-        .client
-        .post(h.url("/fhir/Patient/$member-match"))
-        .bearer_auth(token)
-        .header("content-type", "application/fhir+json")
-        .body(right.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (status, out) = member_match_as(&h, &id, &secret, &right).await;
+    assert_eq!(status, 200, "{out}");
     let throttled = decisions(&h).await.into_iter().filter(|(d, _)| d.outcome == MemberMatchOutcome::Throttled).count();
     assert_eq!(throttled, 1, "the processor decided the fourth attempt THROTTLED");
     h.stop().await;
