@@ -47,7 +47,7 @@ const RESTART_WAL_BYTES: i64 = 256 << 20;
 /// WAL reached 2.5 GB in a 200,000-resource load. So past `RESTART_WAL_BYTES` a RESTART follows,
 /// on a connection of its own that waits at most 50 ms for the readers (the writers wait as
 /// long), with little left to copy by then.
-fn spawn_checkpoints(pool: AnyPool) -> std::sync::Arc<StopOnDrop> {
+fn spawn_checkpoints(pool: AnyPool, restart_bytes: i64) -> std::sync::Arc<StopOnDrop> {
     let stop = tokio_util::sync::CancellationToken::new();
     let token = stop.clone();
     tokio::spawn(async move {
@@ -57,7 +57,7 @@ fn spawn_checkpoints(pool: AnyPool) -> std::sync::Arc<StopOnDrop> {
                 _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
                 _ = token.cancelled() => return,
             }
-            if let Err(e) = checkpoint(&pool, &mut conn).await {
+            if let Err(e) = checkpoint(&pool, &mut conn, restart_bytes).await {
                 // A new connection next round.
                 conn = None;
                 tracing::warn!(error = %e, "views checkpoint failed; retrying");
@@ -67,7 +67,11 @@ fn spawn_checkpoints(pool: AnyPool) -> std::sync::Arc<StopOnDrop> {
     std::sync::Arc::new(StopOnDrop(stop))
 }
 
-async fn checkpoint(pool: &AnyPool, conn: &mut Option<(AnyConnection, i64)>) -> Result<(), sqlx::Error> {
+async fn checkpoint(
+    pool: &AnyPool,
+    conn: &mut Option<(AnyConnection, i64)>,
+    restart_bytes: i64,
+) -> Result<(), sqlx::Error> {
     if conn.is_none() {
         let mut c = pool.acquire().await?.detach();
         sqlx::query("PRAGMA busy_timeout=50").execute(&mut c).await?;
@@ -76,7 +80,7 @@ async fn checkpoint(pool: &AnyPool, conn: &mut Option<(AnyConnection, i64)>) -> 
     }
     let Some((c, page_size)) = conn.as_mut() else { return Ok(()) };
     let frames: i64 = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *c).await?.try_get(1)?;
-    if frames * *page_size >= RESTART_WAL_BYTES {
+    if frames * *page_size >= restart_bytes {
         sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&mut *c).await?;
     }
     Ok(())
@@ -92,6 +96,11 @@ impl Db {
 
     /// Connects to `sqlite://…` or `postgres://…` and applies the migrations.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, ProjectionError> {
+        Db::connect_with(url, max_connections, RESTART_WAL_BYTES).await
+    }
+
+    /// [`Db::connect`], starting a SQLite WAL over past `restart_bytes` (tests use a small one).
+    async fn connect_with(url: &str, max_connections: u32, restart_bytes: i64) -> Result<Db, ProjectionError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
@@ -130,7 +139,7 @@ impl Db {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        let checkpoints = (backend == Backend::Sqlite).then(|| spawn_checkpoints(pool.clone()));
+        let checkpoints = (backend == Backend::Sqlite).then(|| spawn_checkpoints(pool.clone(), restart_bytes));
         Ok(Db { pool, backend, _checkpoints: checkpoints })
     }
 }
@@ -168,5 +177,65 @@ impl Db {
                 other => return other.map(|_| ()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use sqlx::Connection;
+
+    /// Readers that always overlap (each keeps its snapshot until the next has begun) never
+    /// leave a writer the moment to start the WAL over; the checkpoint task must do it.
+    async fn wal_size_under_overlapping_readers(restart_bytes: i64) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect_with(&Db::sqlite_url(dir.path()), 4, restart_bytes).await.unwrap();
+        sqlx::query("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)").execute(&db.pool).await.unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let readers = {
+            let (pool, stop) = (db.pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut a = pool.acquire().await.unwrap().detach();
+                let mut b = pool.acquire().await.unwrap().detach();
+                let mut held = a.begin().await.unwrap();
+                sqlx::query("SELECT COUNT(*) FROM t").fetch_one(&mut *held).await.unwrap();
+                while !stop.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    let mut next = b.begin().await.unwrap();
+                    sqlx::query("SELECT COUNT(*) FROM t").fetch_one(&mut *next).await.unwrap();
+                    held.commit().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    held = a.begin().await.unwrap();
+                    sqlx::query("SELECT COUNT(*) FROM t").fetch_one(&mut *held).await.unwrap();
+                    next.commit().await.unwrap();
+                }
+                held.commit().await.unwrap();
+            })
+        };
+        // About 16 MB over 2.5 s, in 16 KB commits.
+        let row = "x".repeat(16 << 10);
+        for k in 0..1000 {
+            sqlx::query("INSERT INTO t (k, v) VALUES ($1, $2)")
+                .bind(k)
+                .bind(row.as_str())
+                .execute(&db.pool)
+                .await
+                .unwrap();
+            if k % 4 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        stop.cancel();
+        readers.await.unwrap();
+        std::fs::metadata(dir.path().join("views.sqlite-wal")).unwrap().len()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wal_that_readers_never_let_go_of_is_started_over() {
+        // Never started over, it reaches about 50 MB here; started over past 1 MB, it stays near
+        // what one checkpoint interval writes (about 8 MB).
+        let wal = wal_size_under_overlapping_readers(1 << 20).await;
+        assert!(wal < 24 << 20, "the WAL grew to {wal} bytes past a 1 MB restart size");
     }
 }
