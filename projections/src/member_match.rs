@@ -566,7 +566,6 @@ impl JobProgress {
     }
 }
 
-/// The row kept per decision: the decision itself, and what the counters and memo need.
 /// How a decision row meets one already recorded for the same request.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Recorded {
@@ -577,6 +576,7 @@ enum Recorded {
     IfNew,
 }
 
+/// [`record_decisions`] for one decision: whether it was recorded.
 async fn record_decision(
     tx: &mut Transaction<'_, Any>,
     g: i64,
@@ -584,9 +584,23 @@ async fn record_decision(
     member_patient: Option<&str>,
     how: Recorded,
 ) -> Result<bool, ProjectionError> {
-    let client = d.envelope.client_id.clone().unwrap_or_default();
-    let failed = i64::from(d.outcome.is_failed_attempt() && !d.repeated && d.bulk_job.is_none());
-    let body = serde_json::to_string(d).map_err(json_err)?;
+    Ok(record_decisions(tx, g, &[(d, member_patient)], how).await?.first().copied().unwrap_or(false))
+}
+
+/// Rows per multi-row statement when recording decisions (8 columns each).
+const RECORD_CHUNK: usize = 100;
+
+/// Records decisions (each with the member's MemberPatient, for a bulk member) in a few
+/// multi-row statements: the decision rows, and for each one recorded now, its member link, its
+/// bulk member row, or its job's completion. Which were recorded, in order: with
+/// [`Recorded::IfNew`], a decision already there (or repeated within `items`, as a redelivered
+/// request may be) is not.
+async fn record_decisions(
+    tx: &mut Transaction<'_, Any>,
+    g: i64,
+    items: &[(&MemberMatchDecided, Option<&str>)],
+    how: Recorded,
+) -> Result<Vec<bool>, ProjectionError> {
     let conflict = match how {
         Recorded::IfNew => "DO NOTHING",
         Recorded::Replace => {
@@ -595,100 +609,12 @@ async fn record_decision(
                bulk_job = excluded.bulk_job, body = excluded.body"
         }
     };
-    let inserted = sqlx::query(&format!(
-        "INSERT INTO {} (request_id, request_hash, client_id, outcome, decided_at, failed, bulk_job, body)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (request_id) {conflict}",
-        decisions_table(g)
-    ))
-    .bind(d.request_id.as_str())
-    .bind(d.request_hash.as_str())
-    .bind(client.as_str())
-    .bind(d.outcome.as_str())
-    .bind(d.envelope.occurred_at)
-    .bind(failed)
-    .bind(d.bulk_job.as_deref())
-    .bind(body)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
-        > 0;
-    if !inserted {
-        return Ok(false);
-    }
-    if how == Recorded::Replace {
-        // A rebuild may have decided the request itself before reading the decision given.
-        sqlx::query(&format!("DELETE FROM {} WHERE request_id = $1", links_table(g)))
-            .bind(d.request_id.as_str())
-            .execute(&mut **tx)
-            .await?;
-    }
-    if d.outcome == MemberMatchOutcome::Matched {
-        if let Some(pid) = &d.patient_id {
-            sqlx::query(&format!(
-                "INSERT INTO {} (request_id, patient_id, client_id, policy, period_start, period_end, coverage_to_link, consent)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (request_id) DO NOTHING",
-                links_table(g)
-            ))
-            .bind(d.request_id.as_str())
-            .bind(pid.as_str())
-            .bind(client.as_str())
-            .bind(d.consent_policy.as_deref())
-            .bind(d.consent_start.as_deref())
-            .bind(d.consent_end.as_deref())
-            .bind(d.coverage_to_link.as_deref())
-            .bind(d.consent.as_deref())
-            .execute(&mut **tx)
-            .await?;
-        }
-    }
-    match (d.outcome, &d.bulk_job, d.bulk_index) {
-        (MemberMatchOutcome::BulkCompleted, Some(job), _) => {
-            sqlx::query(&format!("UPDATE {} SET completed_at = $1 WHERE job_id = $2", jobs_table(g)))
-                .bind(d.envelope.occurred_at)
-                .bind(job.as_str())
-                .execute(&mut **tx)
-                .await?;
-        }
-        (outcome, Some(job), Some(index)) => {
-            // The member's MemberPatient is known when the decision is made here; a decision
-            // replayed from the topic keeps the one stored then.
-            sqlx::query(&format!(
-                "INSERT INTO {} (job_id, idx, outcome, patient_id, member_patient, reason) VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (job_id, idx) DO UPDATE SET outcome = excluded.outcome, patient_id = excluded.patient_id,
-                   reason = excluded.reason, member_patient = COALESCE(excluded.member_patient, {t}.member_patient)",
-                job_members_table(g),
-                t = job_members_table(g)
-            ))
-            .bind(job.as_str())
-            .bind(i64::from(index))
-            .bind(category(outcome))
-            .bind(d.patient_id.as_deref().filter(|_| outcome == MemberMatchOutcome::Matched))
-            .bind(member_patient)
-            .bind(d.reason.as_deref())
-            .execute(&mut **tx)
-            .await?;
-        }
-        _ => {}
-    }
-    Ok(true)
-}
-
-/// Rows per multi-row statement when recording a run's decisions (8 columns each).
-const RECORD_CHUNK: usize = 100;
-
-/// [`record_decision`] with [`Recorded::IfNew`] for a whole run of fresh decisions (never
-/// BULK_COMPLETED), in a few multi-row statements: which of them were new, in order.
-async fn record_new_decisions(
-    tx: &mut Transaction<'_, Any>,
-    g: i64,
-    items: &[(&MemberMatchDecided, Option<&str>)],
-) -> Result<Vec<bool>, ProjectionError> {
-    let mut inserted: HashSet<String> = HashSet::new();
+    let mut recorded: HashSet<String> = HashSet::new();
     for chunk in items.chunks(RECORD_CHUNK) {
         let rows: Vec<String> = (0..chunk.len()).map(|r| format!("({})", placeholders(r * 8 + 1, 8))).collect();
         let sql = format!(
             "INSERT INTO {} (request_id, request_hash, client_id, outcome, decided_at, failed, bulk_job, body)
-             VALUES {} ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+             VALUES {} ON CONFLICT (request_id) {conflict} RETURNING request_id",
             decisions_table(g),
             rows.join(", ")
         );
@@ -706,17 +632,29 @@ async fn record_new_decisions(
                 .bind(serde_json::to_string(d).map_err(json_err)?);
         }
         for row in query.fetch_all(&mut **tx).await? {
-            inserted.insert(row.try_get(0)?);
+            recorded.insert(row.try_get(0)?);
         }
     }
-    // New: inserted now, and the first of the run with its id (a redelivered request may repeat).
-    let new: Vec<bool> = items.iter().map(|(d, _)| inserted.remove(&d.request_id)).collect();
+    let new: Vec<bool> = items.iter().map(|(d, _)| recorded.remove(&d.request_id)).collect();
+    let now: Vec<(&MemberMatchDecided, Option<&str>)> =
+        items.iter().zip(&new).filter(|(_, new)| **new).map(|(item, _)| *item).collect();
 
-    let links: Vec<&MemberMatchDecided> = items
+    if how == Recorded::Replace {
+        // A rebuild may have decided the request itself before reading the decision given.
+        for chunk in now.chunks(RECORD_CHUNK) {
+            let sql = format!("DELETE FROM {} WHERE request_id IN ({})", links_table(g), placeholders(1, chunk.len()));
+            let mut query = sqlx::query(&sql);
+            for (d, _) in chunk {
+                query = query.bind(d.request_id.as_str());
+            }
+            query.execute(&mut **tx).await?;
+        }
+    }
+
+    let links: Vec<&MemberMatchDecided> = now
         .iter()
-        .zip(&new)
-        .filter(|((d, _), new)| **new && d.outcome == MemberMatchOutcome::Matched && d.patient_id.is_some())
-        .map(|((d, _), _)| *d)
+        .map(|(d, _)| *d)
+        .filter(|d| d.outcome == MemberMatchOutcome::Matched && d.patient_id.is_some())
         .collect();
     for chunk in links.chunks(RECORD_CHUNK) {
         let rows: Vec<String> = (0..chunk.len()).map(|r| format!("({})", placeholders(r * 8 + 1, 8))).collect();
@@ -741,10 +679,20 @@ async fn record_new_decisions(
         query.execute(&mut **tx).await?;
     }
 
-    // Bulk members, the last decision per (job, index): one statement may not update a row twice.
+    for (d, _) in now.iter().filter(|(d, _)| d.outcome == MemberMatchOutcome::BulkCompleted) {
+        sqlx::query(&format!("UPDATE {} SET completed_at = $1 WHERE job_id = $2", jobs_table(g)))
+            .bind(d.envelope.occurred_at)
+            .bind(d.bulk_job.as_deref())
+            .execute(&mut **tx)
+            .await?;
+    }
+
+    // Bulk members, the last decision per (job, index): one statement may not update a row
+    // twice. The MemberPatient is known when the decision is made here; a decision replayed from
+    // the topic keeps the one stored then.
     let mut members: BTreeMap<(&str, i32), (&MemberMatchDecided, Option<&str>)> = BTreeMap::new();
-    for ((d, member_patient), new) in items.iter().zip(&new) {
-        if let (true, Some(job), Some(index)) = (*new, d.bulk_job.as_deref(), d.bulk_index) {
+    for (d, member_patient) in &now {
+        if let (Some(job), Some(index)) = (d.bulk_job.as_deref(), d.bulk_index) {
             members.insert((job, index), (*d, *member_patient));
         }
     }
@@ -1301,7 +1249,7 @@ impl MemberMatchProjection {
         let decisions = self.decide_group(tx, g, records, &run).await?;
         let items: Vec<(&MemberMatchDecided, Option<&str>)> =
             decisions.iter().zip(&run).map(|(d, (_, ev))| (d, ev.member_patient.as_deref())).collect();
-        let new = record_new_decisions(tx, g, &items).await?;
+        let new = record_decisions(tx, g, &items, Recorded::IfNew).await?;
         for (((i, ev), d), new) in run.iter().zip(&decisions).zip(new) {
             if !new {
                 // Rebuilding: the decision came first from the decisions topic, which carries no
