@@ -7,6 +7,8 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
 
+use runtime::embedded::RESTART_WAL_BYTES; // the same WAL size policy as the embedded log's
+
 use crate::ProjectionError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,11 +35,6 @@ impl Drop for StopOnDrop {
 
 /// How often the WAL of a SQLite views database is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-
-/// WAL size past which the checkpoint task starts the WAL over (see below).
-/// (Also the WAL file's `journal_size_limit`, so a restart reuses the file instead of paying to
-/// truncate it in the next commit.)
-const RESTART_WAL_BYTES: i64 = 256 << 20;
 
 /// Checkpoints a SQLite views database in the background (PASSIVE: never blocks a writer), so
 /// no projection commit pays for one.

@@ -25,6 +25,7 @@ use schemas::{
 use serde_json::{json, Value};
 use sqlx::{Any, Row, Transaction};
 
+use crate::resources::Params;
 use crate::worker::{Applied, Projection};
 use crate::{Db, ProjectionError};
 
@@ -224,11 +225,6 @@ async fn apply_change(tx: &mut Transaction<'_, Any>, g: i64, c: &ResourceChange)
 /// Values per `IN (…)` lookup: statements stay small on either database.
 const LOOKUP_CHUNK: usize = 400;
 
-/// `$from, $from+1, …`, `n` of them.
-fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
-}
-
 /// What the index holds for a group of probes, read with one statement per chunk of keys
 /// rather than one per key and request.
 #[derive(Default)]
@@ -264,7 +260,7 @@ impl Candidates {
                  WHERE i.value IN ({})",
                 ids_table(g),
                 members_table(g),
-                placeholders(1, chunk.len())
+                Params::of(tx).list(1, chunk.len())
             );
             let mut query = sqlx::query(&sql);
             for v in chunk {
@@ -285,9 +281,10 @@ impl Candidates {
         keys: BTreeSet<(&str, &str)>,
     ) -> Result<(), ProjectionError> {
         let keys: Vec<(&str, &str)> = keys.into_iter().collect();
+        let params = Params::of(tx);
         for chunk in keys.chunks(LOOKUP_CHUNK / 2) {
             let wanted: Vec<String> = (0..chunk.len())
-                .map(|k| format!("(n.family = ${} AND n.birth_date = ${})", 2 * k + 1, 2 * k + 2))
+                .map(|k| format!("(n.family = {} AND n.birth_date = {})", params.one(2 * k + 1), params.one(2 * k + 2)))
                 .collect();
             let sql = format!(
                 "SELECT n.family, n.birth_date, m.patient_id, m.record FROM {} n JOIN {} m ON m.patient_id = n.patient_id
@@ -346,7 +343,7 @@ impl Candidates {
             let sql = format!(
                 "SELECT patient_id, period_start, period_end FROM {} WHERE patient_id IN ({})",
                 coverages_table(g),
-                placeholders(1, chunk.len())
+                Params::of(tx).list(1, chunk.len())
             );
             let mut query = sqlx::query(&sql);
             for id in chunk {
@@ -430,15 +427,16 @@ impl History {
         let (Some(first), Some(last)) = (times.clone().min(), times.max()) else { return Ok(history) };
         let hashes: BTreeSet<&str> = singles.iter().map(|ev| ev.request_hash.as_str()).collect();
         let hashes: Vec<&str> = hashes.into_iter().collect();
+        let params = Params::of(tx);
         for chunk in hashes.chunks(LOOKUP_CHUNK) {
             let n = chunk.len();
             let sql = format!(
-                "SELECT DISTINCT request_hash, client_id FROM {} WHERE request_hash IN ({}) AND decided_at >= ${}
-                   AND decided_at <= ${} AND outcome <> 'THROTTLED' AND bulk_job IS NULL",
+                "SELECT DISTINCT request_hash, client_id FROM {} WHERE request_hash IN ({}) AND decided_at >= {}
+                   AND decided_at <= {} AND outcome <> 'THROTTLED' AND bulk_job IS NULL",
                 decisions_table(g),
-                placeholders(1, n),
-                n + 1,
-                n + 2
+                params.list(1, n),
+                params.one(n + 1),
+                params.one(n + 2)
             );
             let mut query = sqlx::query(&sql);
             for h in chunk {
@@ -455,12 +453,12 @@ impl History {
             let n = chunk.len();
             // Bounded: past the limit a client's attempts are THROTTLED, which do not count.
             let sql = format!(
-                "SELECT client_id, decided_at FROM {} WHERE failed = 1 AND client_id IN ({}) AND decided_at > ${}
-                   AND decided_at <= ${}",
+                "SELECT client_id, decided_at FROM {} WHERE failed = 1 AND client_id IN ({}) AND decided_at > {}
+                   AND decided_at <= {}",
                 decisions_table(g),
-                placeholders(1, n),
-                n + 1,
-                n + 2
+                params.list(1, n),
+                params.one(n + 1),
+                params.one(n + 2)
             );
             let mut query = sqlx::query(&sql);
             for c in chunk {
@@ -611,12 +609,12 @@ async fn record_decisions(
     };
     let mut recorded: HashSet<String> = HashSet::new();
     for chunk in items.chunks(RECORD_CHUNK) {
-        let rows: Vec<String> = (0..chunk.len()).map(|r| format!("({})", placeholders(r * 8 + 1, 8))).collect();
+        let rows = Params::of(tx).rows(chunk.len(), 8);
         let sql = format!(
             "INSERT INTO {} (request_id, request_hash, client_id, outcome, decided_at, failed, bulk_job, body)
              VALUES {} ON CONFLICT (request_id) {conflict} RETURNING request_id",
             decisions_table(g),
-            rows.join(", ")
+            rows
         );
         let mut query = sqlx::query(&sql);
         for (d, _) in chunk {
@@ -642,7 +640,8 @@ async fn record_decisions(
     if how == Recorded::Replace {
         // A rebuild may have decided the request itself before reading the decision given.
         for chunk in now.chunks(RECORD_CHUNK) {
-            let sql = format!("DELETE FROM {} WHERE request_id IN ({})", links_table(g), placeholders(1, chunk.len()));
+            let sql =
+                format!("DELETE FROM {} WHERE request_id IN ({})", links_table(g), Params::of(tx).list(1, chunk.len()));
             let mut query = sqlx::query(&sql);
             for (d, _) in chunk {
                 query = query.bind(d.request_id.as_str());
@@ -657,12 +656,12 @@ async fn record_decisions(
         .filter(|d| d.outcome == MemberMatchOutcome::Matched && d.patient_id.is_some())
         .collect();
     for chunk in links.chunks(RECORD_CHUNK) {
-        let rows: Vec<String> = (0..chunk.len()).map(|r| format!("({})", placeholders(r * 8 + 1, 8))).collect();
+        let rows = Params::of(tx).rows(chunk.len(), 8);
         let sql = format!(
             "INSERT INTO {} (request_id, patient_id, client_id, policy, period_start, period_end, coverage_to_link, consent)
              VALUES {} ON CONFLICT (request_id) DO NOTHING",
             links_table(g),
-            rows.join(", ")
+            rows
         );
         let mut query = sqlx::query(&sql);
         for d in chunk {
@@ -698,13 +697,13 @@ async fn record_decisions(
     }
     let members: Vec<_> = members.into_iter().collect();
     for chunk in members.chunks(RECORD_CHUNK) {
-        let rows: Vec<String> = (0..chunk.len()).map(|r| format!("({})", placeholders(r * 6 + 1, 6))).collect();
+        let rows = Params::of(tx).rows(chunk.len(), 6);
         let t = job_members_table(g);
         let sql = format!(
             "INSERT INTO {t} (job_id, idx, outcome, patient_id, member_patient, reason) VALUES {}
              ON CONFLICT (job_id, idx) DO UPDATE SET outcome = excluded.outcome, patient_id = excluded.patient_id,
                reason = excluded.reason, member_patient = COALESCE(excluded.member_patient, {t}.member_patient)",
-            rows.join(", ")
+            rows
         );
         let mut query = sqlx::query(&sql);
         for ((job, index), (d, member_patient)) in chunk {

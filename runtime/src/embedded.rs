@@ -47,7 +47,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// WAL size past which the checkpoint thread starts the WAL over.
 /// (Also the WAL file's `journal_size_limit`, so a restart reuses the file instead of paying to
 /// truncate it in the next commit.)
-const RESTART_WAL_BYTES: i64 = 256 << 20;
+pub const RESTART_WAL_BYTES: i64 = 256 << 20;
 /// How long such a restart may hold back the writer while it waits for readers to move on.
 const RESTART_WAIT: Duration = Duration::from_millis(50);
 
