@@ -9,6 +9,11 @@
 # skips the rest of that batch) and answers ListOffsets(latest) with "last batch base + 1", so
 # consumer resumption and end offsets are wrong there. Its SQL engines store one row per record and
 # behave like Kafka. Override with TANSU_STORAGE=memory://tansu/ once that is fixed upstream.
+#
+# tansu 0.6's SQLite schema has no index on its record headers, and it looks a fetched record's
+# headers up with a scan of every header of every topic: each fetch costs O(all records ever
+# written), so consumers slow to a crawl as the file grows (payerx puts four headers on every
+# event). `start` adds the missing index once tansu has created its tables.
 set -euo pipefail
 # shellcheck source=daemon.sh
 source "$(dirname "$0")/daemon.sh"
@@ -51,7 +56,26 @@ start() {
     echo $! >"$dir/tansu.pid"
 
     wait_listening tansu "$port" "$dir/tansu.pid" "$dir/tansu.log"
+    if [[ -z "${TANSU_STORAGE:-}" ]]; then
+        index_headers "$dir/tansu.db"
+    fi
     echo "127.0.0.1:$port"
+}
+
+# index_headers DB: the index tansu's header lookups need (see the top of this file).
+index_headers() {
+    python3 - "$1" <<'PY'
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=10)
+deadline = time.monotonic() + 30
+# tansu creates its tables as it starts; wait for the one that needs the index.
+while not db.execute("select 1 from sqlite_master where type = 'table' and name = 'header'").fetchone():
+    if time.monotonic() > deadline:
+        sys.exit("tansu created no header table in 30 s")
+    time.sleep(0.1)
+db.execute("create index if not exists header_topition_offset on header (topition, offset_id)")
+db.commit()
+PY
 }
 
 stop() {
