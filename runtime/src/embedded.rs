@@ -6,6 +6,9 @@
 //!   being killed (`kill -9`); with `fsync` on (`synchronous=FULL`) it also survives power loss.
 //! - **Throughput.** One writer thread owns the write connection and commits every append that
 //!   is waiting in a single transaction (group commit), so concurrent clients share the cost.
+//! - **Clients first.** Appends and commits through a [`Log::background`] handle (the stages'
+//!   own outputs) wait while clients' appends are waiting, for at most `BACKGROUND_MAX_WAIT`:
+//!   the one writer is shared, and an acknowledgement should not queue behind derived events.
 //! - **Several processes** may append to the same file (e.g. `payerx load` next to `payerx
 //!   serve`): offsets are assigned inside the write transaction, and readers also re-check the
 //!   file periodically, not only when this process appended.
@@ -13,7 +16,7 @@
 //!   one node. Scale out with Kafka.
 //! - **Retention** is forever: the log is the source of truth that views are rebuilt from.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,15 +32,46 @@ use crate::partitioner::partition_for;
 const FOREIGN_APPEND_POLL: Duration = Duration::from_millis(50);
 /// Upper bound of records committed in one writer transaction.
 const MAX_RECORDS_PER_COMMIT: usize = 20_000;
+/// The longest a background command waits for the clients' appends before it is committed with
+/// them anyway, so the stages keep moving (slower) through a long load.
+const BACKGROUND_MAX_WAIT: Duration = Duration::from_millis(200);
 
+/// Whose writes these are: a client's being acknowledged, or a stage's own outputs and commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Foreground,
+    Background,
+}
+
+/// A command waiting for the writer.
+struct Queued {
+    lane: Lane,
+    since: Instant,
+    cmd: WriteCmd,
+}
+
+/// A handle on the writer thread's queue, in one lane.
+#[derive(Clone)]
+struct Writer {
+    tx: mpsc::Sender<Queued>,
+    lane: Lane,
+}
+
+impl Writer {
+    fn send(&self, cmd: WriteCmd) -> Result<(), LogError> {
+        self.tx.send(Queued { lane: self.lane, since: Instant::now(), cmd }).map_err(|_| closed())
+    }
+}
+
+#[derive(Clone)]
 pub struct EmbeddedLog {
     path: PathBuf,
-    writer: mpsc::Sender<WriteCmd>,
+    writer: Writer,
     /// Appends committed per topic (cumulative), so this process's consumers wake at once, and
     /// only when one of their topics moved.
     appended: watch::Receiver<Appends>,
-    partitions: Mutex<HashMap<String, i32>>,
-    /// Dropped with the log, which stops the checkpoint thread.
+    partitions: Arc<Mutex<HashMap<String, i32>>>,
+    /// Dropped with the log's last handle, which stops the checkpoint thread.
     _checkpoints: mpsc::Sender<()>,
 }
 
@@ -165,9 +199,9 @@ impl EmbeddedLog {
             .map_err(|e| LogError::Storage(format!("cannot start log checkpoints: {e}")))?;
         Ok(EmbeddedLog {
             path,
-            writer: tx,
+            writer: Writer { tx, lane: Lane::Foreground },
             appended: bump_rx,
-            partitions: Mutex::new(HashMap::new()),
+            partitions: Arc::new(Mutex::new(HashMap::new())),
             _checkpoints: stop_tx,
         })
     }
@@ -181,7 +215,7 @@ impl EmbeddedLog {
         make: impl FnOnce(oneshot::Sender<Result<T, LogError>>) -> WriteCmd,
     ) -> Result<T, LogError> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(make(tx)).map_err(|_| closed())?;
+        self.writer.send(make(tx))?;
         rx.await.map_err(|_| closed())?
     }
 
@@ -216,23 +250,20 @@ impl EmbeddedLog {
 /// Commits per topic since this process opened the log.
 type Appends = Arc<HashMap<String, u64>>;
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteCmd>, bump: watch::Sender<Appends>) {
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Queued>, bump: watch::Sender<Appends>) {
     let mut topic_partitions: HashMap<String, i32> = HashMap::new();
-    while let Ok(first) = rx.recv() {
-        // Group commit: take everything already waiting, up to a bound.
-        let mut batch = vec![first];
-        let mut records = 0usize;
-        while records < MAX_RECORDS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(cmd) => {
-                    if let WriteCmd::Append(r, _) = &cmd {
-                        records += r.len();
-                    }
-                    batch.push(cmd)
-                }
-                Err(_) => break,
+    let (mut fg, mut bg) = (VecDeque::new(), VecDeque::new());
+    loop {
+        if fg.is_empty() && bg.is_empty() {
+            match rx.recv() {
+                Ok(q) => enqueue(q, &mut fg, &mut bg),
+                Err(_) => return,
             }
         }
+        while let Ok(q) = rx.try_recv() {
+            enqueue(q, &mut fg, &mut bg);
+        }
+        let batch = next_batch(&mut fg, &mut bg, Instant::now());
         let result = apply_batch(&mut conn, &mut topic_partitions, &batch);
         let ok = result.is_ok();
         let mut touched: Vec<String> = batch
@@ -271,6 +302,42 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteCmd>, bump: watch::
             });
         }
     }
+}
+
+fn enqueue(q: Queued, fg: &mut VecDeque<Queued>, bg: &mut VecDeque<Queued>) {
+    match q.lane {
+        Lane::Foreground => fg.push_back(q),
+        Lane::Background => bg.push_back(q),
+    }
+}
+
+/// The commands of the next transaction (group commit), each lane in its order: the clients'
+/// appends that are waiting, then background ones only when no client is waiting or when they
+/// have waited `BACKGROUND_MAX_WAIT`; up to `MAX_RECORDS_PER_COMMIT` records, and at least one
+/// command.
+fn next_batch(fg: &mut VecDeque<Queued>, bg: &mut VecDeque<Queued>, now: Instant) -> Vec<WriteCmd> {
+    let mut batch = Vec::new();
+    let mut records = 0usize;
+    let mut take = |q: &mut VecDeque<Queued>, batch: &mut Vec<WriteCmd>| {
+        while let Some(front) = q.front() {
+            let n = match &front.cmd {
+                WriteCmd::Append(r, _) => r.len(),
+                _ => 0,
+            };
+            if !batch.is_empty() && records + n > MAX_RECORDS_PER_COMMIT {
+                break;
+            }
+            records += n;
+            if let Some(queued) = q.pop_front() {
+                batch.push(queued.cmd);
+            }
+        }
+    };
+    take(fg, &mut batch);
+    if batch.is_empty() || bg.front().is_some_and(|q| now.saturating_duration_since(q.since) >= BACKGROUND_MAX_WAIT) {
+        take(bg, &mut batch);
+    }
+    batch
 }
 
 enum CmdResult {
@@ -452,6 +519,11 @@ impl Log for EmbeddedLog {
         "embedded"
     }
 
+    fn background(self: Arc<Self>) -> Arc<dyn Log> {
+        let writer = Writer { tx: self.writer.tx.clone(), lane: Lane::Background };
+        Arc::new(EmbeddedLog { writer, ..(*self).clone() })
+    }
+
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), LogError> {
         let specs = topics.to_vec();
         self.send(|tx| WriteCmd::EnsureTopics(specs, tx)).await
@@ -534,7 +606,7 @@ pub struct EmbeddedConsumer {
     conn: Arc<Mutex<Connection>>,
     positions: BTreeMap<(String, i32), i64>,
     group: Option<String>,
-    writer: mpsc::Sender<WriteCmd>,
+    writer: Writer,
     appended: watch::Receiver<Appends>,
     rotation: usize,
 }
@@ -639,7 +711,7 @@ impl Consumer for EmbeddedConsumer {
             return Ok(()); // assigned consumers keep their offsets elsewhere (projections)
         };
         let (tx, rx) = oneshot::channel();
-        self.writer.send(WriteCmd::Commit(group, offsets.to_vec(), tx)).map_err(|_| closed())?;
+        self.writer.send(WriteCmd::Commit(group, offsets.to_vec(), tx))?;
         rx.await.map_err(|_| closed())?
     }
 }
@@ -648,6 +720,84 @@ impl Consumer for EmbeddedConsumer {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn queued(lane: Lane, since: Instant, tag: &str, records: usize) -> Queued {
+        let (tx, _) = oneshot::channel();
+        let records = (0..records).map(|i| Record::new("t", format!("{tag}{i}"), vec![])).collect();
+        Queued { lane, since, cmd: WriteCmd::Append(records, tx) }
+    }
+
+    /// The first key of each append in a batch: which commands it took, in which order.
+    fn tags(batch: &[WriteCmd]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|c| match c {
+                WriteCmd::Append(r, _) => r[0].key.clone(),
+                _ => String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn clients_appends_are_committed_before_the_stages_waiting_ones() {
+        let now = Instant::now();
+        let young = now - BACKGROUND_MAX_WAIT / 4;
+        let (mut fg, mut bg) = (VecDeque::new(), VecDeque::new());
+        fg.extend([queued(Lane::Foreground, young, "f1-", 1), queued(Lane::Foreground, now, "f2-", 1)]);
+        bg.extend([queued(Lane::Background, young, "b1-", 1), queued(Lane::Background, now, "b2-", 1)]);
+        // Clients are waiting: only their appends, both, in order.
+        assert_eq!(tags(&next_batch(&mut fg, &mut bg, now)), ["f1-0", "f2-0"]);
+        // No client waiting: the stages' appends, in order.
+        assert_eq!(tags(&next_batch(&mut fg, &mut bg, now)), ["b1-0", "b2-0"]);
+        assert!(fg.is_empty() && bg.is_empty());
+    }
+
+    #[test]
+    fn a_stage_append_that_waited_long_enough_goes_with_the_clients() {
+        let now = Instant::now();
+        let (mut fg, mut bg) = (VecDeque::new(), VecDeque::new());
+        fg.push_back(queued(Lane::Foreground, now, "f-", 1));
+        bg.push_back(queued(Lane::Background, now - BACKGROUND_MAX_WAIT, "old-", 1));
+        bg.push_back(queued(Lane::Background, now, "new-", 1));
+        // The old one's lane is taken in its order, the younger one behind it too.
+        assert_eq!(tags(&next_batch(&mut fg, &mut bg, now)), ["f-0", "old-0", "new-0"]);
+    }
+
+    #[test]
+    fn a_commit_holds_at_most_its_bound_of_records_and_at_least_one_command() {
+        let now = Instant::now();
+        let (mut fg, mut bg) = (VecDeque::new(), VecDeque::new());
+        fg.push_back(queued(Lane::Foreground, now, "big-", MAX_RECORDS_PER_COMMIT + 1));
+        fg.push_back(queued(Lane::Foreground, now, "a-", 1));
+        fg.push_back(queued(Lane::Foreground, now, "b-", MAX_RECORDS_PER_COMMIT));
+        assert_eq!(tags(&next_batch(&mut fg, &mut bg, now)), ["big-0"]);
+        assert_eq!(tags(&next_batch(&mut fg, &mut bg, now)), ["a-0"]);
+        assert_eq!(tags(&next_batch(&mut fg, &mut bg, now)), ["b-0"]);
+    }
+
+    #[tokio::test]
+    async fn a_background_handle_appends_and_commits_to_the_same_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn Log> = Arc::new(log_with_topic(dir.path()).await);
+        let stages = log.clone().background();
+        let (a, b) = tokio::join!(
+            log.append(vec![Record::new("t", "k", b"client".to_vec())]),
+            stages.append(vec![Record::new("t", "k", b"stage".to_vec())]),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a[0].partition, b[0].partition);
+        assert_ne!(a[0].offset, b[0].offset);
+        let mut c = stages.group_consumer("g", &["t".to_string()]).await.unwrap();
+        let mut got = vec![];
+        while got.len() < 2 {
+            got.extend(c.poll(10, Duration::from_millis(200)).await.unwrap());
+        }
+        c.commit(&[("t".into(), got[0].partition, got[1].offset + 1)]).await.unwrap();
+        drop(c);
+        // The group's commit went through the background lane and is seen by a new member.
+        let mut again = log.group_consumer("g", &["t".to_string()]).await.unwrap();
+        assert!(again.poll(10, Duration::from_millis(100)).await.unwrap().is_empty());
+    }
 
     async fn log_with_topic(dir: &Path) -> EmbeddedLog {
         let log = EmbeddedLog::open(dir, false).unwrap();

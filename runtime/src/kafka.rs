@@ -191,6 +191,11 @@ impl Log for KafkaLog {
         "kafka"
     }
 
+    /// The brokers order nothing across producers: the stages use the same producer.
+    fn background(self: Arc<Self>) -> Arc<dyn Log> {
+        self
+    }
+
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), LogError> {
         if topics.is_empty() {
             return Ok(());

@@ -1,5 +1,6 @@
 //! The log abstraction shared by both backends.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -86,6 +87,11 @@ impl LogError {
 pub trait Log: Send + Sync + 'static {
     /// `embedded` or `kafka`, for metrics and logs.
     fn backend(&self) -> &'static str;
+
+    /// The same log, for a stage's own outputs and commits. Where the backend orders the writes
+    /// itself (the embedded log's one writer), these go after the clients' appends that are
+    /// waiting, so acknowledgements do not queue behind derived events; elsewhere it is `self`.
+    fn background(self: Arc<Self>) -> Arc<dyn Log>;
 
     /// Creates missing topics (existing ones are left as they are).
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), LogError>;
