@@ -17,6 +17,7 @@ use runtime::Log;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::background::BackgroundRuntime;
 use crate::config::{Role, ServeArgs};
 
 /// The process-wide Prometheus recorder (installed once, shared by every App in a process).
@@ -53,6 +54,8 @@ pub struct App {
     pub auth: Option<Arc<auth::AuthServer>>,
     pub shutdown: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    /// Where the processors and projections run; dropped after their tasks have ended.
+    stages: Option<BackgroundRuntime>,
 }
 
 impl App {
@@ -66,52 +69,60 @@ impl App {
         let notifier = Arc::new(WriteNotifier::default());
         let shutdown = CancellationToken::new();
         let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+        let stages = if args.roles.iter().any(|r| matches!(r, Role::Processors | Role::Projections)) {
+            Some(BackgroundRuntime::new(args.stages_nice).context("starting the stages' runtime")?)
+        } else {
+            None
+        };
+        let stage = stages.as_ref().map(|s| s.handle().clone());
+        // The stages' outputs and commits also yield to the clients' appends on the log.
+        let stage_log = if args.stages_nice > 0 { log.clone().background() } else { log.clone() };
 
         if args.roles.contains(&Role::Processors) {
-            let app_log = log.clone();
-            let (log, stop) = (log.clone(), shutdown.clone());
+            let app_log = stage_log.clone();
+            let (log, stop) = (stage_log.clone(), shutdown.clone());
             let opts = RunOptions { group_prefix: prefix.clone(), ..RunOptions::default() };
             let p = Arc::new(ValidateProcessor::new(&prefix));
             tasks.push((
                 "validate",
-                tokio::spawn(async move { Ok(runtime::processor::run(log, p, opts, stop).await?) }),
+                spawn_on(&stage, async move { Ok(runtime::processor::run(log, p, opts, stop).await?) }),
             ));
             let (cases_log, stop) = (app_log.clone(), shutdown.clone());
             let opts = RunOptions { group_prefix: prefix.clone(), ..RunOptions::default() };
             let p = Arc::new(CasesProcessor::new(&prefix));
             tasks.push((
                 "cases",
-                tokio::spawn(async move { Ok(runtime::processor::run(cases_log, p, opts, stop).await?) }),
+                spawn_on(&stage, async move { Ok(runtime::processor::run(cases_log, p, opts, stop).await?) }),
             ));
         }
         if let (true, Some(db)) = (args.roles.contains(&Role::Projections), &db) {
             let worker = ProjectionWorker {
                 db: db.clone(),
-                log: log.clone(),
+                log: stage_log.clone(),
                 projection: Arc::new(ResourceProjection::new(&prefix)),
                 notifier: Some(notifier.clone()),
                 max_batch: 2000,
             };
             let stop = shutdown.clone();
-            tasks.push(("resource-projection", tokio::spawn(async move { Ok(worker.run(stop).await?) })));
+            tasks.push(("resource-projection", spawn_on(&stage, async move { Ok(worker.run(stop).await?) })));
             let links = ProjectionWorker {
                 db: db.clone(),
-                log: log.clone(),
+                log: stage_log.clone(),
                 projection: Arc::new(LinkProjection::new(&prefix)),
                 notifier: None,
                 max_batch: 500,
             };
             let stop = shutdown.clone();
-            tasks.push(("attachment-link-projection", tokio::spawn(async move { Ok(links.run(stop).await?) })));
+            tasks.push(("attachment-link-projection", spawn_on(&stage, async move { Ok(links.run(stop).await?) })));
             let matcher = ProjectionWorker {
                 db: db.clone(),
-                log: log.clone(),
+                log: stage_log.clone(),
                 projection: Arc::new(MemberMatchProjection::new(&prefix, args.member_match.processor_config())),
                 notifier: None,
                 max_batch: 500,
             };
             let stop = shutdown.clone();
-            tasks.push(("member-match", tokio::spawn(async move { Ok(matcher.run(stop).await?) })));
+            tasks.push(("member-match", spawn_on(&stage, async move { Ok(matcher.run(stop).await?) })));
         }
         let ready = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(OpsState {
@@ -202,10 +213,10 @@ impl App {
             // base URL, or the address ingest serves in this process, else FHIR-relative.
             let base = args.base_url.clone().or_else(|| addr.map(|a| format!("http://{a}")));
             let fetcher = Arc::new(crate::fetcher::Fetcher { config: args.fetch_config(base), blobs: blobs.clone() });
-            let (log, stop, prefix) = (log.clone(), shutdown.clone(), prefix.clone());
+            let (log, stop, prefix) = (stage_log.clone(), shutdown.clone(), prefix.clone());
             tasks.push((
                 "attachment-fetch",
-                tokio::spawn(async move { Ok(crate::fetcher::run(log, fetcher, &prefix, stop).await?) }),
+                spawn_on(&stage, async move { Ok(crate::fetcher::run(log, fetcher, &prefix, stop).await?) }),
             ));
         }
         ready.store(true, Ordering::Release);
@@ -224,6 +235,7 @@ impl App {
             auth: auth_server,
             shutdown,
             tasks,
+            stages,
         })
     }
 
@@ -240,7 +252,7 @@ impl App {
 
     /// Stops every role: in-flight batches finish, offsets are stored, the listener closes.
     pub async fn stop(self) -> anyhow::Result<()> {
-        let App { shutdown, tasks, auth, .. } = self;
+        let App { shutdown, tasks, auth, stages, .. } = self;
         shutdown.cancel();
         // The authorization server holds an audit sender: release it so the audit appender can
         // drain and end once the listener has stopped.
@@ -258,6 +270,7 @@ impl App {
                 }
             }
         }
+        drop(stages);
         first_err.map_or(Ok(()), Err)
     }
 
@@ -283,6 +296,17 @@ impl App {
         }
         tracing::info!("shutting down: draining in-flight work");
         self.stop().await
+    }
+}
+
+/// Spawns a background stage on the stages' runtime (the current one when there is none).
+fn spawn_on<F>(stages: &Option<tokio::runtime::Handle>, task: F) -> JoinHandle<anyhow::Result<()>>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    match stages {
+        Some(h) => h.spawn(task),
+        None => tokio::spawn(task),
     }
 }
 

@@ -116,6 +116,12 @@ pub struct ServeArgs {
     /// Lifetime of refresh tokens (renewed on every use), in seconds.
     #[arg(long, env = "PAYERX_REFRESH_TOKEN_TTL", default_value_t = 30 * 24 * 3600)]
     pub refresh_token_ttl: u64,
+    /// Nice value of the background stages' threads (processors, projections, the attachment
+    /// fetcher), 0-19. While the CPUs are short, clients being acknowledged go first and the
+    /// stages catch up with what is left; on the embedded log their own appends also wait for
+    /// the clients' (at most 200 ms). 0 runs them at the clients' priority in both (see README).
+    #[arg(long, env = "PAYERX_STAGES_NICE", default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub stages_nice: i32,
     #[command(flatten)]
     pub fetch: FetchArgs,
     #[command(flatten)]
@@ -370,6 +376,7 @@ impl ServeArgs {
             access_token_ttl: 900,
             token_cache_secs: 5,
             refresh_token_ttl: 30 * 24 * 3600,
+            stages_nice: 19,
             fetch: FetchArgs::default(),
             member_match: MemberMatchArgs::default(),
         }

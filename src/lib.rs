@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod background;
 pub mod bench;
 pub mod bench_attachments;
 pub mod bench_auth;

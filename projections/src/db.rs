@@ -122,13 +122,7 @@ impl Db {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        // WAL: readers never block the projection's writer; NORMAL is durable
-                        // across process crashes, and the log is the source of truth anyway.
-                        // page_size only takes effect on a new database; 16 KiB suits rows of kilobytes.
-                        // No automatic checkpoints: one would run (and fsync) inside the commit that
-                        // crossed the threshold; `spawn_checkpoints` does them apart.
-                        conn.execute(format!("PRAGMA page_size=16384; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={RESTART_WAL_BYTES};").as_str())
-                            .await?;
+                        conn.execute(SQLITE_SESSION.as_str()).await?;
                     }
                     Ok(())
                 })
@@ -141,7 +135,31 @@ impl Db {
     }
 }
 
+/// Every SQLite connection's settings. WAL: readers never block the projection's writer; NORMAL
+/// is durable across process crashes, and the log is the source of truth anyway. page_size only
+/// takes effect on a new database; 16 KiB suits rows of kilobytes. No automatic checkpoints: one
+/// would run (and fsync) inside the commit that crossed the threshold; `spawn_checkpoints` does
+/// them apart.
+static SQLITE_SESSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "PRAGMA page_size=16384; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; \
+         PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={RESTART_WAL_BYTES};"
+    )
+});
+
 impl Db {
+    /// A connection of the caller's own, outside the pool, set up like the pool's. On SQLite its
+    /// worker thread is started by the calling thread, and so shares its priority (see the
+    /// binary's background runtime).
+    pub async fn own_connection(&self) -> Result<AnyConnection, sqlx::Error> {
+        use sqlx::Connection;
+        let mut conn = AnyConnection::connect_with(&self.pool.connect_options()).await?;
+        if self.backend == Backend::Sqlite {
+            conn.execute(SQLITE_SESSION.as_str()).await?;
+        }
+        Ok(conn)
+    }
+
     /// A transaction that will write, on `conn`. On SQLite it takes the write lock up front (`BEGIN
     /// IMMEDIATE`): a deferred transaction that read first fails at its first write with
     /// "database is locked" whenever another writer committed in between (busy_timeout does not

@@ -233,10 +233,11 @@ impl ProjectionWorker {
         let mut consumer = self.log.assigned_consumer(&assignment).await?;
         // Every batch on one connection of its own: SQLite keeps a connection's page cache only
         // while no other connection writes, and the pool hands out its connections in turn, so
-        // each batch started on a cold cache. Detached, it does not count against the pool, so
-        // readers (and this worker's own queries below) never wait for it. An error drops it
-        // with this call; the retry opens another.
-        let mut conn = self.db.pool.acquire().await?.detach();
+        // each batch started on a cold cache. Outside the pool, it does not count against it, so
+        // readers (and this worker's own queries below) never wait for it, and its SQLite worker
+        // thread runs at this worker's priority. An error drops it with this call; the retry
+        // opens another.
+        let mut conn = self.db.own_connection().await?;
         let mut last_check = Instant::now();
         loop {
             if done(applied) {
