@@ -110,7 +110,7 @@ fn entry_event(change: ResourceChange, correlation: &str) -> ResourceChanged {
 /// and stored as the line itself: no `serde_json::Value` is built (that cost more than the
 /// check). `None` for everything else (not JSON, a Bundle, no id), which [`items_of`] handles
 /// with the same outcome it always had.
-fn resource_line(text: &str, origin: &str, correlation: &str) -> Option<Item> {
+fn resource_line(text: &mut String, origin: &str, correlation: &str) -> Option<Item> {
     use processors::validate::Json;
     let doc = Json::parse(text).ok()?;
     let rtype = doc.get("resourceType").and_then(Json::as_str).unwrap_or("");
@@ -118,13 +118,17 @@ fn resource_line(text: &str, origin: &str, correlation: &str) -> Option<Item> {
         return None;
     }
     let id = doc.get("id").and_then(Json::as_str)?;
-    Some(match processors::validate_processor::check_json(&doc, rtype, id, None) {
+    let checked = processors::validate_processor::check_json(&doc, rtype, id, None);
+    let (rtype, id) = (rtype.to_string(), id.to_string());
+    drop(doc);
+    Some(match checked {
         Ok(()) => Item::Event(entry_event(
             ResourceChange {
                 action: ChangeAction::Upsert,
-                resource_type: rtype.to_string(),
-                resource_id: id.to_string(),
-                resource: Some(text.trim().to_string()),
+                resource_type: rtype,
+                resource_id: id,
+                // The line itself (no copy); `lines()` already took its end of line.
+                resource: Some(take_trimmed(text)),
                 if_match: None,
                 created: false,
             },
@@ -132,6 +136,16 @@ fn resource_line(text: &str, origin: &str, correlation: &str) -> Option<Item> {
         )),
         Err(oo) => Item::Rejected(origin.to_string(), oo),
     })
+}
+
+/// The string, without surrounding whitespace, reusing its buffer when there is none.
+fn take_trimmed(text: &mut String) -> String {
+    let trimmed = text.trim();
+    if trimmed.len() == text.len() {
+        std::mem::take(text)
+    } else {
+        trimmed.to_string()
+    }
 }
 
 /// Items of one parsed JSON document: a resource, or the entries of a Bundle.
@@ -246,7 +260,7 @@ fn prepare(chunk: Vec<Raw>, correlation: &str, topic: &str) -> (Vec<Record>, Vec
     let not_json = |e: String| OperationOutcome::error(schemas::IssueType::Structure, format!("not valid JSON: {e}"));
     for raw in chunk {
         let items = match raw {
-            Raw::Line { origin, text } => match resource_line(&text, &origin, correlation) {
+            Raw::Line { origin, mut text } => match resource_line(&mut text, &origin, correlation) {
                 Some(item) => vec![item],
                 None => match serde_json::from_str::<Value>(&text) {
                     Ok(doc) => items_of(doc, Some(text.trim()), &origin, correlation),
