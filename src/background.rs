@@ -24,7 +24,8 @@ impl BackgroundRuntime {
             .thread_name("payerx-stages")
             .enable_all()
             // Also the blocking pool's threads, where the stages' CPU work and log reads run, and
-            // so every thread those start (e.g. a SQLite connection's worker opened from them).
+            // so every thread those start. (The views database opens its connections on the
+            // runtime that opened it, so a stage never holds its write lock at this priority.)
             .on_thread_start(move || lower_priority(nice))
             .build()?;
         Ok(BackgroundRuntime { runtime: Some(runtime) })

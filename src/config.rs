@@ -120,7 +120,7 @@ pub struct ServeArgs {
     /// fetcher), 0-19. While the CPUs are short, clients being acknowledged go first and the
     /// stages catch up with what is left; on the embedded log their own appends also wait for
     /// the clients' (at most 200 ms). 0 runs them at the clients' priority in both (see README).
-    #[arg(long, env = "PAYERX_STAGES_NICE", default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
+    #[arg(long, env = "PAYERX_STAGES_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub stages_nice: i32,
     #[command(flatten)]
     pub fetch: FetchArgs,
@@ -376,7 +376,7 @@ impl ServeArgs {
             access_token_ttl: 900,
             token_cache_secs: 5,
             refresh_token_ttl: 30 * 24 * 3600,
-            stages_nice: 19,
+            stages_nice: 10,
             fetch: FetchArgs::default(),
             member_match: MemberMatchArgs::default(),
         }

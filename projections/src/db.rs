@@ -21,6 +21,10 @@ pub enum Backend {
 pub struct Db {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// The runtime that opened the database. Connections are opened there, so that on SQLite
+    /// their worker threads run at its priority (a lower-priority stage holding the write lock
+    /// would hold back every other writer).
+    home: tokio::runtime::Handle,
     /// SQLite: stops the checkpoint task when the last handle goes.
     _checkpoints: Option<std::sync::Arc<StopOnDrop>>,
 }
@@ -118,6 +122,9 @@ impl Db {
         let options = AnyConnectOptions::from_str(url)?;
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
+            // Opened up front by the pool's own task on this runtime, not later by whichever
+            // caller found none idle (see `home`).
+            .min_connections(max_connections)
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
@@ -131,7 +138,7 @@ impl Db {
             .await?;
         MIGRATOR.run(&pool).await?;
         let checkpoints = (backend == Backend::Sqlite).then(|| spawn_checkpoints(pool.clone(), restart_bytes));
-        Ok(Db { pool, backend, _checkpoints: checkpoints })
+        Ok(Db { pool, backend, home: tokio::runtime::Handle::current(), _checkpoints: checkpoints })
     }
 }
 
@@ -148,16 +155,22 @@ static SQLITE_SESSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
 });
 
 impl Db {
-    /// A connection of the caller's own, outside the pool, set up like the pool's. On SQLite its
-    /// worker thread is started by the calling thread, and so shares its priority (see the
-    /// binary's background runtime).
+    /// A connection of the caller's own, outside the pool, set up like the pool's and opened on
+    /// the database's runtime (see `home`).
     pub async fn own_connection(&self) -> Result<AnyConnection, sqlx::Error> {
         use sqlx::Connection;
-        let mut conn = AnyConnection::connect_with(&self.pool.connect_options()).await?;
-        if self.backend == Backend::Sqlite {
-            conn.execute(SQLITE_SESSION.as_str()).await?;
-        }
-        Ok(conn)
+        let (options, backend) = (self.pool.connect_options(), self.backend);
+        let open = async move {
+            let mut conn = AnyConnection::connect_with(&options).await?;
+            if backend == Backend::Sqlite {
+                conn.execute(SQLITE_SESSION.as_str()).await?;
+            }
+            Ok::<_, sqlx::Error>(conn)
+        };
+        self.home
+            .spawn(open)
+            .await
+            .map_err(|e| sqlx::Error::Io(std::io::Error::other(format!("opening a connection: {e}"))))?
     }
 
     /// A transaction that will write, on `conn`. On SQLite it takes the write lock up front (`BEGIN

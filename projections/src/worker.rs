@@ -234,9 +234,9 @@ impl ProjectionWorker {
         // Every batch on one connection of its own: SQLite keeps a connection's page cache only
         // while no other connection writes, and the pool hands out its connections in turn, so
         // each batch started on a cold cache. Outside the pool, it does not count against it, so
-        // readers (and this worker's own queries below) never wait for it, and its SQLite worker
-        // thread runs at this worker's priority. An error drops it with this call; the retry
-        // opens another.
+        // readers (and this worker's own queries below) never wait for it. Its SQLite worker thread
+        // runs at the clients' priority, not the stage's, so the write lock is never held by a
+        // starved thread. An error drops it with this call; the retry opens another.
         let mut conn = self.db.own_connection().await?;
         let mut last_check = Instant::now();
         loop {
