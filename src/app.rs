@@ -79,7 +79,6 @@ impl App {
         let stage_log = if args.stages_nice > 0 { log.clone().background() } else { log.clone() };
 
         if args.roles.contains(&Role::Processors) {
-            let app_log = stage_log.clone();
             let (log, stop) = (stage_log.clone(), shutdown.clone());
             let opts = RunOptions { group_prefix: prefix.clone(), ..RunOptions::default() };
             let p = Arc::new(ValidateProcessor::new(&prefix));
@@ -87,7 +86,7 @@ impl App {
                 "validate",
                 spawn_on(&stage, async move { Ok(runtime::processor::run(log, p, opts, stop).await?) }),
             ));
-            let (cases_log, stop) = (app_log.clone(), shutdown.clone());
+            let (cases_log, stop) = (stage_log.clone(), shutdown.clone());
             let opts = RunOptions { group_prefix: prefix.clone(), ..RunOptions::default() };
             let p = Arc::new(CasesProcessor::new(&prefix));
             tasks.push((
