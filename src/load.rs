@@ -290,7 +290,8 @@ fn prepare(chunk: Vec<Raw>, correlation: &str, topic: &str) -> (Vec<Record>, Vec
 ///
 /// Reading, checking and appending overlap: one thread reads, `--workers` threads parse and
 /// validate chunks, and appends are committed in input order (so two versions of a resource in
-/// one file keep their order), two in flight.
+/// one file keep their order), two in flight. At most `--chunk` × (4 × `--workers` + 4) items are
+/// held at once: read and queued, being prepared, prepared and queued, and being appended.
 pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<LoadReport> {
     use futures::StreamExt;
 
@@ -313,15 +314,26 @@ pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<Loa
         let chunk = args.chunk.max(1);
         tokio::task::spawn_blocking(move || read_all(files, chunk, tx, bar))
     };
-    let mut prepared = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-        .map(|chunk| {
-            let (corr, topic) = (correlation.clone(), topic.clone());
-            tokio::task::spawn_blocking(move || prepare(chunk, &corr, &topic))
-        })
-        .buffered(workers);
+    // The workers are driven by a task of their own: `buffered` starts the next chunk only when
+    // it is polled, so polling it from the loop below (which waits for appends) left one worker
+    // idle for the length of every append, and the CPU went to the stages instead.
+    let (ptx, mut prx) = tokio::sync::mpsc::channel(workers);
+    let preparing = tokio::spawn(async move {
+        let mut prepared = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+            .map(|chunk| {
+                let (corr, topic) = (correlation.clone(), topic.clone());
+                tokio::task::spawn_blocking(move || prepare(chunk, &corr, &topic))
+            })
+            .buffered(workers);
+        while let Some(done) = prepared.next().await {
+            if ptx.send(done).await.is_err() {
+                break; // the append loop stopped on an error, which it reports
+            }
+        }
+    });
     let mut inflight: std::collections::VecDeque<tokio::task::JoinHandle<Result<usize, runtime::LogError>>> =
         Default::default();
-    while let Some(done) = prepared.next().await {
+    while let Some(done) = prx.recv().await {
         let (records, rejected) = done?;
         for (origin, oo) in rejected {
             report.rejected += 1;
@@ -344,6 +356,7 @@ pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<Loa
     for h in inflight {
         report.accepted += h.await?? as u64;
     }
+    preparing.await?;
     reader.await??;
     bar.finish_with_message(format!("{} accepted, {} rejected", report.accepted, report.rejected));
     Ok(report)
