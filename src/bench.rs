@@ -71,7 +71,7 @@ pub struct IngestBenchArgs {
     /// Seed of the synthetic resources.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Rounds of (load, floor), each pair back to back on fresh state; the ratio reported is
+    /// Rounds of (floor, load), each pair back to back on fresh state; the ratio reported is
     /// the median round's, since a shared machine's speed moves within minutes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=99))]
     pub rounds: u16,
@@ -203,7 +203,7 @@ impl Phase {
     }
 }
 
-/// One load and the floor measured right after it.
+/// One floor and the load measured right after it.
 #[derive(Debug, Clone, Serialize)]
 struct Round {
     floor: Phase,
@@ -916,8 +916,7 @@ async fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
     }
     let median = Round::median(&rounds).context("no round ran")?;
     let (floor, load_ack, load_vis) = (&median.floor, &median.load_ack, &median.load_vis);
-    let f = floor.resources_per_s;
-    let ratio = |p: &Phase| p.resources_per_s / f;
+    let ratio = |p: &Phase| median.ratio(p);
     let avg_bytes = floor.payload_bytes / floor.resources.max(1);
     let mut phases = vec![floor.clone(), load_ack.clone(), load_vis.clone()];
     phases.extend(http.clone());
