@@ -113,11 +113,11 @@ fn entry_event(change: ResourceChange, correlation: &str) -> ResourceChanged {
 fn resource_line(text: &mut String, origin: &str, correlation: &str) -> Option<Item> {
     use processors::validate::Json;
     let doc = Json::parse(text).ok()?;
-    let rtype = doc.get("resourceType").and_then(Json::as_str).unwrap_or("");
+    let rtype = doc.str("resourceType").unwrap_or("");
     if rtype == "Bundle" {
         return None;
     }
-    let id = doc.get("id").and_then(Json::as_str)?;
+    let id = doc.str("id")?;
     let checked = processors::validate_processor::check_json(&doc, rtype, id, None);
     let (rtype, id) = (rtype.to_string(), id.to_string());
     drop(doc);

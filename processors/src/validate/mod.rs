@@ -26,6 +26,7 @@
 
 mod primitive;
 mod table;
+mod tape;
 mod tree;
 
 #[cfg(test)]
@@ -38,7 +39,7 @@ use primitive::{JsonRepr, Prim};
 use table::{Elem, Index, Kind, Max, Slot};
 use tree::{Tree, View};
 
-pub use tree::Json;
+pub use tape::Json;
 
 /// Issues reported per resource at most.
 pub const MAX_ISSUES: usize = 100;
@@ -58,10 +59,10 @@ pub fn validate_resource(resource: &Value) -> Result<(), Vec<Issue>> {
 /// [`validate_resource`] over a tree parsed with [`Json::parse`]: the same rules and issues,
 /// without building a `serde_json::Value` first.
 pub fn validate_json(resource: &Json) -> Result<(), Vec<Issue>> {
-    walk(resource)
+    walk(tree::root(resource))
 }
 
-fn walk<T: Tree>(resource: &T) -> Result<(), Vec<Issue>> {
+fn walk<'a, T: Tree<'a>>(resource: T) -> Result<(), Vec<Issue>> {
     let mut w = Walker {
         idx: Index::get(),
         _tree: std::marker::PhantomData,
@@ -101,15 +102,15 @@ enum Seg<'a> {
     Idx(usize),
 }
 
-struct Walker<'a, T: Tree> {
+struct Walker<'a, T: Tree<'a>> {
     idx: &'static Index,
-    _tree: std::marker::PhantomData<&'a T>,
+    _tree: std::marker::PhantomData<T>,
     path: Vec<Seg<'a>>,
     issues: Vec<Issue>,
     depth: usize,
 }
 
-fn json_kind<T: Tree>(v: &T) -> &'static str {
+fn json_kind<'a, T: Tree<'a>>(v: T) -> &'static str {
     match v.view() {
         View::Null => "null",
         View::Bool(_) => "a boolean",
@@ -121,7 +122,7 @@ fn json_kind<T: Tree>(v: &T) -> &'static str {
 }
 
 /// A short rendering of a value for diagnostics.
-fn show<T: Tree>(v: &T) -> String {
+fn show<'a, T: Tree<'a>>(v: T) -> String {
     match v.view() {
         View::String(s) => quote(s),
         View::Array(_) => "[...]".to_string(),
@@ -151,7 +152,7 @@ fn cardinality(min: u32, max: Max) -> String {
     }
 }
 
-impl<'a, T: Tree> Walker<'a, T> {
+impl<'a, T: Tree<'a>> Walker<'a, T> {
     // ---- paths and issues -------------------------------------------------------------------
 
     fn path_string(&self) -> String {
@@ -214,7 +215,7 @@ impl<'a, T: Tree> Walker<'a, T> {
     // ---- resources ----------------------------------------------------------------------------
 
     /// A resource: the root, or nested (contained, Bundle.entry.resource, ...) at the current path.
-    fn resource(&mut self, v: &'a T) {
+    fn resource(&mut self, v: T) {
         let root = self.path.is_empty();
         let View::Object(obj) = v.view() else {
             let what = if root { "A resource".to_string() } else { self.path_string() };
@@ -273,7 +274,7 @@ impl<'a, T: Tree> Walker<'a, T> {
     // ---- objects --------------------------------------------------------------------------------
 
     /// The properties of an object of type `ty` (its path is the current path).
-    fn object(&mut self, obj: &'a T::Obj, ty: u16, is_resource: bool) {
+    fn object(&mut self, obj: T::Obj, ty: u16, is_resource: bool) {
         if self.depth >= MAX_DEPTH {
             self.here(
                 IssueType::Structure,
@@ -385,7 +386,7 @@ impl<'a, T: Tree> Walker<'a, T> {
     }
 
     /// The value of JSON property `name` (not `_name`), at the current path.
-    fn element(&mut self, parent: &'a T::Obj, name: &str, v: &'a T, elem: Elem, slot: &Slot) {
+    fn element(&mut self, parent: T::Obj, name: &str, v: T, elem: Elem, slot: &Slot) {
         match v.view() {
             View::Array(items) => {
                 if !elem.max.is_array() {
@@ -399,7 +400,8 @@ impl<'a, T: Tree> Walker<'a, T> {
                     );
                     return;
                 }
-                if items.is_empty() {
+                let len = T::len(items);
+                if len == 0 {
                     self.here(
                         IssueType::Structure,
                         format!("{} must not be an empty array (omit the element instead)", self.path_string()),
@@ -407,25 +409,20 @@ impl<'a, T: Tree> Walker<'a, T> {
                     return;
                 }
                 if let Max::N(n) = elem.max {
-                    if items.len() > n as usize {
+                    if len > n as usize {
                         self.here(
                             IssueType::Structure,
-                            format!("{} has {} entries, at most {n} are allowed", self.path_string(), items.len()),
+                            format!("{} has {} entries, at most {n} are allowed", self.path_string(), len),
                         );
                     }
                 }
-                if (items.len() as u64) < u64::from(slot.min) {
+                if (len as u64) < u64::from(slot.min) {
                     self.here(
                         IssueType::Required,
-                        format!(
-                            "{} has {} entries, at least {} are required",
-                            self.path_string(),
-                            items.len(),
-                            slot.min
-                        ),
+                        format!("{} has {} entries, at least {} are required", self.path_string(), len, slot.min),
                     );
                 }
-                for (i, item) in items.iter().enumerate() {
+                for (i, item) in T::items(items).enumerate() {
                     if self.full() {
                         return;
                     }
@@ -459,7 +456,7 @@ impl<'a, T: Tree> Walker<'a, T> {
     }
 
     /// `null` at `name[i]`: only allowed for a primitive whose `_name[i]` carries id/extensions.
-    fn null_in_array(&mut self, parent: &T::Obj, name: &str, i: usize, elem: Elem) {
+    fn null_in_array(&mut self, parent: T::Obj, name: &str, i: usize, elem: Elem) {
         if !matches!(elem.kind, Kind::Prim(_)) {
             self.here(
                 IssueType::Structure,
@@ -469,7 +466,7 @@ impl<'a, T: Tree> Walker<'a, T> {
         }
         let paired = T::get(parent, &format!("_{name}"))
             .and_then(|a| match a.view() {
-                View::Array(items) => items.get(i),
+                View::Array(items) => T::item(items, i),
                 _ => None,
             })
             .is_some_and(|v| matches!(v.view(), View::Object(_)));
@@ -482,7 +479,7 @@ impl<'a, T: Tree> Walker<'a, T> {
     }
 
     /// One value (not an array) of the given kind, at the current path.
-    fn value(&mut self, v: &'a T, kind: Kind) {
+    fn value(&mut self, v: T, kind: Kind) {
         match kind {
             Kind::Prim(p) => self.primitive(v, p),
             Kind::Resource => self.resource(v),
@@ -513,7 +510,7 @@ impl<'a, T: Tree> Walker<'a, T> {
         }
     }
 
-    fn primitive(&mut self, v: &T, p: Prim) {
+    fn primitive(&mut self, v: T, p: Prim) {
         match (p.repr(), v.view()) {
             (JsonRepr::Bool, View::Bool(_)) => {}
             (JsonRepr::Number, View::Number(_)) => {}
@@ -593,7 +590,7 @@ impl<'a, T: Tree> Walker<'a, T> {
     }
 
     /// `_name` (the current path is `name`): the primitive's id/extensions.
-    fn primitive_extension(&mut self, parent: &'a T::Obj, name: &str, key: &str, v: &'a T, elem: Elem) {
+    fn primitive_extension(&mut self, parent: T::Obj, name: &str, key: &str, v: T, elem: Elem) {
         let element = self.idx.element;
         match v.view() {
             View::Object(o) => {
@@ -619,7 +616,7 @@ impl<'a, T: Tree> Walker<'a, T> {
                     );
                     return;
                 }
-                if items.is_empty() {
+                if T::len(items) == 0 {
                     self.here(IssueType::Structure, format!("'{key}' must not be an empty array (omit it instead)"));
                     return;
                 }
@@ -628,25 +625,25 @@ impl<'a, T: Tree> Walker<'a, T> {
                     _ => None,
                 });
                 if let Some(values) = values {
-                    if values.len() != items.len() {
+                    if T::len(values) != T::len(items) {
                         self.here(
                             IssueType::Structure,
                             format!(
                                 "'{key}' has {} entries but '{name}' has {}: they must line up one to one",
-                                items.len(),
-                                values.len()
+                                T::len(items),
+                                T::len(values)
                             ),
                         );
                     }
                 }
-                for (i, item) in items.iter().enumerate() {
+                for (i, item) in T::items(items).enumerate() {
                     if self.full() {
                         return;
                     }
                     self.path.push(Seg::Idx(i));
                     match item.view() {
                         // null beside a null value is reported with the value (null_in_array)
-                        View::Null if values.and_then(|vs| vs.get(i)).is_none() => {
+                        View::Null if values.and_then(|vs| T::item(vs, i)).is_none() => {
                             self.here(
                                 IssueType::Structure,
                                 format!("{} has neither a value nor extensions ('{key}[{i}]' is null and there is no '{name}[{i}]')", self.path_string()),

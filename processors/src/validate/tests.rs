@@ -504,3 +504,97 @@ fn every_issue_names_an_element() {
         assert!(d.contains(issue.expression[0].as_str()), "{issue:#?}");
     }
 }
+
+/// Documents as written, for what a serialized `Value` never contains (repeated keys, number
+/// spellings, escapes): the tape must agree with `serde_json::Value` on every one.
+#[test]
+fn the_tape_agrees_with_serde_json_on_documents_as_written() {
+    let cases = [
+        // repeated keys: the last value counts, at the first position
+        (r#"{"resourceType":"Patient","id":"p","birthDate":"bad","birthDate":"2020-01-01"}"#, 0),
+        (r#"{"resourceType":"Patient","id":"p","birthDate":"2020-01-01","birthDate":"bad"}"#, 1),
+        (r#"{"resourceType":"Patient","id":"p","gender":"male","gender":"","active":1,"active":true}"#, 1),
+        // number spellings in integer and decimal elements
+        (r#"{"resourceType":"Patient","id":"p","multipleBirthInteger":-0}"#, 1),
+        (r#"{"resourceType":"Patient","id":"p","multipleBirthInteger":1E2}"#, 1),
+        (r#"{"resourceType":"Patient","id":"p","multipleBirthInteger":2.0}"#, 1),
+        (r#"{"resourceType":"Patient","id":"p","multipleBirthInteger":18446744073709551615}"#, 1),
+        (r#"{"resourceType":"Patient","id":"p","multipleBirthInteger":99999999999999999999999}"#, 1),
+        (r#"{"resourceType":"Patient","id":"p","multipleBirthInteger":-2147483648}"#, 0),
+        (
+            r#"{"resourceType":"Observation","id":"o","status":"final","code":{"text":"t"},"valueQuantity":{"value":1.5e-3}}"#,
+            0,
+        ),
+        // escapes in keys and values
+        (r#"{"resourceType":"Patient","id":"p","\u0067ender":"male"}"#, 0),
+        (r#"{"resourceType":"Patient","id":"p","name":[{"family":"O\"Neil\u00e9"}],"gender":"ma\u006ce"}"#, 0),
+        (r#"{"resourceType":"Patient","id":"p","birthDate":"2020\u002d01-01"}"#, 0),
+        // repeated keys inside nested objects and a primitive's `_x` sibling
+        (
+            r#"{"resourceType":"Patient","id":"p","name":[{"given":["a",null],"_given":[null,{"id":"x"}],"_given":[null,null]}]}"#,
+            1,
+        ),
+        (
+            r#"{"resourceType":"Patient","id":"p","name":[{"given":["a",null],"_given":[null,null],"_given":[null,{"id":"x"}]}]}"#,
+            0,
+        ),
+    ];
+    for (text, want) in cases {
+        let value: Value = serde_json::from_str(text).expect("the case is JSON");
+        let from_value = validate_resource(&value).err().unwrap_or_default();
+        let from_tape = validate_json(&Json::parse(text).expect("the tape reads it")).err().unwrap_or_default();
+        assert_eq!(from_tape, from_value, "the trees disagree on {text}");
+        assert_eq!(from_value.len(), want, "{text}: {from_value:#?}");
+    }
+}
+
+/// Mutated fixtures (bytes deleted, repeated or replaced by JSON punctuation, deterministic):
+/// the tape accepts exactly what serde_json accepts, and the walker reports the same issues over
+/// both.
+#[test]
+fn the_tape_agrees_with_serde_json_on_mutated_resources() {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let pieces =
+        ["\"", ",", ":", "{", "}", "[", "]", "null", "0", "-1.5e3", "\\", "\\u00e9", "\"a\":1", "\"id\":\"x\""];
+    let (mut parsed, mut refused) = (0, 0);
+    for fixture in [PATIENT, COVERAGE, EOB] {
+        let compact = parse(fixture).to_string();
+        for _ in 0..400 {
+            let mut text = compact.clone();
+            for _ in 0..1 + next(3) {
+                let mut at = next(text.len());
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                let end = (at + 1 + next(6)).min(text.len());
+                let end = (end..=text.len()).find(|&e| text.is_char_boundary(e)).unwrap_or(text.len());
+                match next(3) {
+                    0 => text.replace_range(at..end, ""),
+                    1 => text.insert_str(at, pieces[next(pieces.len())]),
+                    _ => {
+                        let copy = text[at..end].to_string();
+                        text.insert_str(at, &copy);
+                    }
+                }
+            }
+            let by_serde = serde_json::from_str::<Value>(&text);
+            match (Json::parse(&text), by_serde) {
+                (Ok(doc), Ok(value)) => {
+                    parsed += 1;
+                    assert_eq!(validate_json(&doc), validate_resource(&value), "the trees disagree on {text}");
+                }
+                (Err(_), Err(_)) => refused += 1,
+                (Ok(_), Err(e)) => panic!("the tape took what serde_json refuses ({e}): {text}"),
+                (Err(e), Ok(_)) => panic!("the tape refused what serde_json takes ({e}): {text}"),
+            }
+        }
+    }
+    // Both outcomes are exercised, so the comparison means something.
+    assert!(parsed > 100 && refused > 100, "parsed {parsed}, refused {refused}");
+}
