@@ -301,7 +301,7 @@ impl<'a, T: Tree<'a>> Walker<'a, T> {
                 Some(base) => (base, true),
                 None => (key, false),
             };
-            let Some(elem) = td.elems.get(name).copied() else {
+            let Some(elem) = td.elems.get(name) else {
                 let owner = self.describe_owner(td.name);
                 let p = self.child_path(key);
                 self.report(IssueType::Structure, p, format!("Unknown element '{key}' in {owner}"));

@@ -223,7 +223,7 @@ impl<'d, 'a> Object<'d, 'a> {
 
     /// Every member as written, repeats included.
     fn raw(self) -> Members<'d, 'a> {
-        Members { doc: self.doc, at: self.at + 1, left: self.len() }
+        Members { doc: self.doc, at: self.at + 1, left: self.len(), seen: 0, repeats: None }
     }
 
     fn has_repeats(self) -> bool {
@@ -232,13 +232,8 @@ impl<'d, 'a> Object<'d, 'a> {
 
     /// The members in document order; a repeated key once, at its first position, with its last
     /// value.
-    pub fn members(self) -> impl Iterator<Item = (&'d str, Node<'d, 'a>)> {
-        let repeats = self.has_repeats().then_some(self);
-        self.raw().enumerate().filter_map(move |(i, (key, value))| match repeats {
-            None => Some((key, value)),
-            Some(o) if o.raw().take(i).any(|(k, _)| k == key) => None,
-            Some(o) => o.raw().skip(i).filter(|(k, _)| *k == key).last(),
-        })
+    pub fn members(self) -> Members<'d, 'a> {
+        Members { repeats: self.has_repeats().then_some(self), ..self.raw() }
     }
 
     pub fn get(self, key: &str) -> Option<Node<'d, 'a>> {
@@ -251,11 +246,16 @@ impl<'d, 'a> Object<'d, 'a> {
     }
 }
 
-/// The members of an object as written: the walker's inner loop, so a plain struct.
-struct Members<'d, 'a> {
+/// The members of an object (the walker's inner loop, so a plain struct rather than adapters).
+pub struct Members<'d, 'a> {
     doc: &'d Json<'a>,
     at: u32,
     left: usize,
+    /// Members passed so far.
+    seen: usize,
+    /// The object, when it repeats a key: each key is then given once, at its first position,
+    /// with its last value.
+    repeats: Option<Object<'d, 'a>>,
 }
 
 impl<'d, 'a> Iterator for Members<'d, 'a> {
@@ -263,14 +263,23 @@ impl<'d, 'a> Iterator for Members<'d, 'a> {
 
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
-        if self.left == 0 {
-            return None;
+        loop {
+            if self.left == 0 {
+                return None;
+            }
+            self.left -= 1;
+            let key = self.doc.text_of(self.doc.cell(self.at));
+            let value = Node { doc: self.doc, at: self.at + 1 };
+            self.at = self.doc.next(self.at + 1);
+            let i = self.seen;
+            self.seen += 1;
+            let Some(o) = self.repeats else {
+                return Some((key, value));
+            };
+            if !o.raw().take(i).any(|(k, _)| k == key) {
+                return o.raw().skip(i).filter(|(k, _)| *k == key).last();
+            }
         }
-        self.left -= 1;
-        let key = self.doc.text_of(self.doc.cell(self.at));
-        let value = Node { doc: self.doc, at: self.at + 1 };
-        self.at = self.doc.next(self.at + 1);
-        Some((key, value))
     }
 }
 

@@ -94,6 +94,39 @@ fn table_loads_without_problems() {
     }
 }
 
+/// The per-type name tables find every element the table defines (by name, however long), and
+/// nothing else: not near misses that share the first and last eight bytes, a prefix, or a length.
+#[test]
+fn element_names_are_found_exactly() {
+    let idx = Index::get();
+    let mut names = 0;
+    for td in &idx.types {
+        let all: Vec<(String, u16)> = td.elems.iter().map(|(n, e)| (n.to_string(), e.slot)).collect();
+        assert_eq!(all.len(), td.elems.len());
+        for (name, slot) in &all {
+            names += 1;
+            assert_eq!(td.elems.get(name).map(|e| e.slot), Some(*slot), "{}.{name}", td.name);
+            let mut middle = name.clone().into_bytes();
+            if middle.len() > 16 {
+                // same first and last eight bytes, same length, different middle
+                middle[8] = if middle[8] == b'Q' { b'R' } else { b'Q' };
+            }
+            for miss in [
+                format!("{name}x"),
+                format!("_{name}"),
+                name[..name.len() - 1].to_string(),
+                String::from_utf8(middle).expect("ASCII"),
+            ] {
+                if !all.iter().any(|(n, _)| *n == miss) {
+                    assert!(td.elems.get(&miss).is_none(), "{}: {miss} is not an element", td.name);
+                }
+            }
+        }
+        assert!(td.elems.get("").is_none());
+    }
+    assert!(names > 5000, "{names} element names");
+}
+
 #[test]
 fn ids() {
     assert!(is_valid_id("c4bb-patient-1") && is_valid_id("A.b-9") && is_valid_id(&"a".repeat(64)));
