@@ -374,3 +374,42 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// Line endings (LF, CRLF, none at the end), blank lines, a line longer than the reader's
+    /// first guess, line numbers, and the origin a rejection names.
+    #[test]
+    fn ndjson_lines_are_read_whole_and_numbered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feed.ndjson");
+        let ok = |id: &str| format!(r#"{{"resourceType":"Patient","id":"{id}","gender":"female"}}"#);
+        let bad = r#"{"resourceType":"Patient","id":"b","birthDate":"1980-99-01"}"#;
+        let long = format!(r#"{{"resourceType":"Patient","id":"long","name":[{{"text":"{}"}}]}}"#, "x".repeat(9000));
+        let text = format!("{}\r\n\n{}\n  \r\n{bad}\r\n{long}\n{}", ok("a"), ok("c"), ok("z"));
+        std::fs::write(&path, text).unwrap();
+
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        read_all(vec![path.clone()], 1000, tx, ProgressBar::hidden()).unwrap();
+        let lines: Vec<(String, String)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .flatten()
+            .map(|raw| match raw {
+                Raw::Line { origin, text } => (origin, text),
+                Raw::Document { .. } => panic!("an NDJSON file gives lines"),
+            })
+            .collect();
+        let at = |n: usize| format!("{}:{n}", path.display());
+        let want =
+            [(at(1), ok("a")), (at(3), ok("c")), (at(5), bad.to_string()), (at(6), long.clone()), (at(7), ok("z"))];
+        assert_eq!(lines, want);
+
+        let raws = lines.into_iter().map(|(origin, text)| Raw::Line { origin, text }).collect();
+        let (records, rejected) = prepare(raws, "c", "fhir.submissions");
+        assert_eq!(records.len(), 4);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].0, at(5), "a rejection names its file and line");
+    }
+}
