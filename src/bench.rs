@@ -209,6 +209,8 @@ struct Round {
     floor: Phase,
     load_ack: Phase,
     load_vis: Phase,
+    /// Where this process's CPU went while load ran (until acknowledged); Linux only.
+    load_cpu: Option<CpuSplit>,
 }
 
 impl Round {
@@ -257,6 +259,100 @@ pub(crate) fn peak_rss_kib() -> Option<u64> {
 /// Resets VmHWM to the current RSS (Linux ≥ 4.0), so each phase reports its own peak.
 pub(crate) fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// CPU time used by this process's threads while a phase ran, by role (from the threads' names),
+/// to show what competes with `payerx load` when the stages run beside it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+struct CpuSplit {
+    cpu_seconds: f64,
+    /// CPU seconds per wall second: how many CPUs were busy on average.
+    cpus_busy: f64,
+    /// (role, share of `cpu_seconds`), largest first.
+    shares: Vec<(&'static str, f64)>,
+}
+
+/// The role a thread plays, by the name payerx, tokio, sqlx or librdkafka gave it.
+fn thread_role(name: &str) -> &'static str {
+    if name.starts_with("payerx-stages") {
+        "stages"
+    } else if name.starts_with("sqlx-sqlite") {
+        "views database"
+    } else if name.starts_with("payerx-log-writ") {
+        "log writer"
+    } else if name.starts_with("payerx-log-chec") {
+        "log checkpoints"
+    } else if name.starts_with("rdk:") || name.starts_with("rdkafka") {
+        "kafka client"
+    } else {
+        "load (read, parse, validate, encode)"
+    }
+}
+
+/// Thread name and CPU clock ticks (user + system) from one `/proc/self/task/*/stat` line. The
+/// name sits in parentheses and may hold spaces or parentheses itself, so fields are counted
+/// from the last `)`.
+fn parse_task_stat(stat: &str) -> Option<(String, u64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let name = stat.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    // After the name: state is field 3 of stat(5), utime 14 and stime 15.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((name, ticks))
+}
+
+/// Every thread of this process: id → (name, CPU ticks). Empty where /proc is missing.
+fn thread_ticks() -> std::collections::HashMap<String, (String, u64)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Default::default();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            Some((t.file_name().to_string_lossy().into_owned(), parse_task_stat(&stat)?))
+        })
+        .collect()
+}
+
+/// The CPU used between two [`thread_ticks`] snapshots over `wall`. Threads that ended in between
+/// are not counted (the stages' and load's threads live through the phase).
+fn cpu_split(
+    before: &std::collections::HashMap<String, (String, u64)>,
+    after: &std::collections::HashMap<String, (String, u64)>,
+    ticks_per_second: f64,
+    wall: Duration,
+) -> Option<CpuSplit> {
+    let mut by_role: Vec<(&'static str, u64)> = Vec::new();
+    for (tid, (name, ticks)) in after {
+        let used = ticks.saturating_sub(before.get(tid).map_or(0, |(_, t)| *t));
+        let role = thread_role(name);
+        match by_role.iter_mut().find(|(r, _)| *r == role) {
+            Some((_, t)) => *t += used,
+            None => by_role.push((role, used)),
+        }
+    }
+    let total: u64 = by_role.iter().map(|(_, t)| t).sum();
+    if total == 0 {
+        return None;
+    }
+    by_role.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let cpu_seconds = total as f64 / ticks_per_second;
+    Some(CpuSplit {
+        cpu_seconds,
+        cpus_busy: cpu_seconds / wall.as_secs_f64().max(1e-9),
+        shares: by_role.into_iter().filter(|(_, t)| *t > 0).map(|(r, t)| (r, t as f64 / total as f64)).collect(),
+    })
+}
+
+/// /proc reports thread CPU time in USER_HZ ticks, 100 on Linux.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl std::fmt::Display for CpuSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shares: Vec<String> = self.shares.iter().map(|(r, s)| format!("{r} {:.0}%", s * 100.0)).collect();
+        write!(f, "{} (of {:.1} CPU-seconds, {:.2} CPUs busy)", shares.join(", "), self.cpu_seconds, self.cpus_busy)
+    }
 }
 
 struct Run {
@@ -500,10 +596,12 @@ async fn round(run: &Run, round: usize) -> anyhow::Result<Round> {
         };
         eprintln!("bench: load: {n} resources ({:.1} MB of NDJSON) through payerx load", bytes as f64 / 1e6);
         run.reset_rss();
+        let ticks = thread_ticks();
         let start = Instant::now();
         // The app's own log handle: one writer per embedded log file, as in one process.
         let report = crate::load::load_into(app.log.clone(), &load_args).await?;
         let acked = start.elapsed();
+        let load_cpu = cpu_split(&ticks, &thread_ticks(), TICKS_PER_SECOND, acked);
         if report.rejected > 0 || report.accepted != n as u64 {
             bail!("payerx load accepted {} and rejected {} of {n}", report.accepted, report.rejected);
         }
@@ -524,6 +622,7 @@ async fn round(run: &Run, round: usize) -> anyhow::Result<Round> {
             floor,
             load_ack: Phase::new("load (acknowledged)", n as u64, bytes, acked, None, rss_ack),
             load_vis: Phase::new("load (visible)", n as u64, bytes, done - start, None, rss),
+            load_cpu,
         })
     }
     .await;
@@ -948,6 +1047,9 @@ async fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
             ratio(load_vis),
             http.as_ref().map_or(String::new(), |h| format!(", http {:.3}", ratio(h)))
         );
+        if let Some(cpu) = &median.load_cpu {
+            let _ = writeln!(out, "CPU of this process while load ran (median round): {cpu}");
+        }
         let _ = writeln!(
             out,
             "goals: load ≥ 20,000 resources/s on embedded: {}; load ≥ 0.5 × floor: {}",
@@ -1033,7 +1135,37 @@ mod tests {
     }
 
     fn round(floor: f64, load: f64) -> Round {
-        Round { floor: phase(floor), load_ack: phase(load), load_vis: phase(load / 10.0) }
+        Round { floor: phase(floor), load_ack: phase(load), load_vis: phase(load / 10.0), load_cpu: None }
+    }
+
+    #[test]
+    fn thread_cpu_is_read_from_proc_stat_and_grouped_by_role() {
+        // A name with a space and a parenthesis; utime 250 and stime 50 are fields 14 and 15.
+        let line = "4242 (payerx-stages) x) S 1 1 1 0 -1 4194368 10 0 0 0 250 50 0 0 30 10 9 0 100 0 0";
+        assert_eq!(parse_task_stat(line), Some(("payerx-stages) x".to_string(), 300)));
+        assert_eq!(parse_task_stat("4242 (short) S 1"), None);
+
+        let snap = |rows: &[(&str, &str, u64)]| {
+            rows.iter().map(|(tid, name, t)| (tid.to_string(), (name.to_string(), *t))).collect()
+        };
+        let before = snap(&[("1", "tokio-rt-worker", 100), ("2", "payerx-log-writ", 10), ("3", "payerx-stages", 0)]);
+        let after = snap(&[
+            ("1", "tokio-rt-worker", 160),
+            ("2", "payerx-log-writ", 40),
+            ("3", "payerx-stages", 5),
+            ("4", "sqlx-sqlite-worker-3", 5), // started during the phase: all of it counts
+        ]);
+        let split = cpu_split(&before, &after, 100.0, Duration::from_millis(500)).expect("CPU was used");
+        assert_eq!(split.cpu_seconds, 1.0);
+        assert_eq!(split.cpus_busy, 2.0);
+        let roles: Vec<&str> = split.shares.iter().map(|(r, _)| *r).collect();
+        assert_eq!(roles, ["load (read, parse, validate, encode)", "log writer", "stages", "views database"]);
+        assert_eq!(split.shares[0].1, 0.6);
+        assert!(cpu_split(&before, &before, 100.0, Duration::from_secs(1)).is_none(), "no CPU used, no split");
+        // Where /proc exists, this process's own threads are found (the test's included).
+        if std::path::Path::new("/proc/self/task").exists() {
+            assert!(!thread_ticks().is_empty());
+        }
     }
 
     #[test]
