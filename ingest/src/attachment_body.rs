@@ -44,6 +44,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use base64::Engine as _;
 use blobs::{BlobError, BlobRef, BlobStore, BlobWriter};
 use futures::TryStreamExt;
+use processors::validate::{short_escape, surrogate_pair};
 use schemas::IssueType;
 use serde_json::{Map, Value};
 use tokio_util::io::{StreamReader, SyncIoBridge};
@@ -572,14 +573,6 @@ impl<R: Read> Parser<'_, R> {
     /// An escape sequence after its backslash.
     fn escape(&mut self) -> Result<char, BodyError> {
         let c = match self.next_byte()? {
-            Some(b'"') => '"',
-            Some(b'\\') => '\\',
-            Some(b'/') => '/',
-            Some(b'b') => '\u{8}',
-            Some(b'f') => '\u{c}',
-            Some(b'n') => '\n',
-            Some(b'r') => '\r',
-            Some(b't') => '\t',
             Some(b'u') => {
                 let hi = self.hex4()?;
                 if (0xD800..0xDC00).contains(&hi) {
@@ -587,16 +580,12 @@ impl<R: Read> Parser<'_, R> {
                         return Err(self.syntax("unpaired surrogate in a \\u escape"));
                     }
                     let lo = self.hex4()?;
-                    if !(0xDC00..0xE000).contains(&lo) {
-                        return Err(self.syntax("unpaired surrogate in a \\u escape"));
-                    }
-                    let cp = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
-                    char::from_u32(cp).ok_or_else(|| self.syntax("invalid \\u escape"))?
+                    surrogate_pair(hi, lo).ok_or_else(|| self.syntax("unpaired surrogate in a \\u escape"))?
                 } else {
                     char::from_u32(hi).ok_or_else(|| self.syntax("unpaired surrogate in a \\u escape"))?
                 }
             }
-            Some(_) => return Err(self.syntax("invalid escape sequence")),
+            Some(letter) => short_escape(letter).ok_or_else(|| self.syntax("invalid escape sequence"))?,
             None => return Err(self.syntax("unterminated string")),
         };
         Ok(c)

@@ -226,6 +226,18 @@ fn invalid_base64_is_400_naming_the_element_and_stores_nothing() {
     );
 }
 
+/// Every escape JSON has (and a surrogate pair) decodes in the rest of the body as serde_json
+/// decodes it.
+#[test]
+fn escapes_outside_attachments_decode_as_in_serde_json() {
+    let (_dir, store) = store();
+    let body = r#"{"resourceType":"Parameters","parameter":[{"name":"q\"\\\/\b\f\n\r\t","valueString":"caf\u00e9 \ud83d\ude00 \u002F"}]}"#;
+    let got = parse(body, &store).expect("parse");
+    let want: Value = serde_json::from_str(body).expect("serde_json");
+    assert_eq!(got.parameters, want);
+    assert_eq!(got.parameters["parameter"][0]["valueString"], "café 😀 /");
+}
+
 #[test]
 fn malformed_json_is_400_with_line_and_column() {
     let (dir, store) = store();

@@ -39,7 +39,7 @@ use primitive::{JsonRepr, Prim};
 use table::{Elem, Index, Kind, Max, Slot};
 use tree::{Tree, View};
 
-pub use tape::Json;
+pub use tape::{short_escape, surrogate_pair, Json};
 
 /// Issues reported per resource at most.
 pub const MAX_ISSUES: usize = 100;

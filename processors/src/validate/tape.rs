@@ -357,6 +357,20 @@ impl Parser<'_> {
         self.nodes[at] = Cell { tag, a: len as u32, b: end as u32 };
     }
 
+    /// After an item: `true` past a comma (another item follows), `false` on `close`.
+    fn more(&mut self, close: u8) -> Result<bool, ParseError> {
+        self.ws();
+        match self.bytes.get(self.pos) {
+            Some(b',') => {
+                self.pos += 1;
+                self.ws();
+                Ok(true)
+            }
+            Some(&b) if b == close => Ok(false),
+            _ => self.fail(),
+        }
+    }
+
     fn array(&mut self) -> Result<(), ParseError> {
         let at = self.enter()?;
         let mut len = 0;
@@ -364,14 +378,8 @@ impl Parser<'_> {
             loop {
                 self.value()?;
                 len += 1;
-                self.ws();
-                match self.bytes.get(self.pos) {
-                    Some(b',') => {
-                        self.pos += 1;
-                        self.ws();
-                    }
-                    Some(b']') => break,
-                    _ => return self.fail(),
+                if !self.more(b']')? {
+                    break;
                 }
             }
         }
@@ -399,14 +407,8 @@ impl Parser<'_> {
                 self.ws();
                 self.value()?;
                 len += 1;
-                self.ws();
-                match self.bytes.get(self.pos) {
-                    Some(b',') => {
-                        self.pos += 1;
-                        self.ws();
-                    }
-                    Some(b'}') => break,
-                    _ => return self.fail(),
+                if !self.more(b'}')? {
+                    break;
                 }
             }
         }
@@ -478,38 +480,24 @@ impl Parser<'_> {
                 Some(b'\\') => {}
                 _ => return Err(ParseError { at: i }),
             }
-            let c = match bytes.get(i + 1) {
-                Some(b'"') => '"',
-                Some(b'\\') => '\\',
-                Some(b'/') => '/',
-                Some(b'b') => '\u{8}',
-                Some(b'f') => '\u{c}',
-                Some(b'n') => '\n',
-                Some(b'r') => '\r',
-                Some(b't') => '\t',
-                Some(b'u') => {
-                    let hi = hex4(bytes, i + 2).ok_or(ParseError { at: i })?;
+            let letter = bytes.get(i + 1).copied().unwrap_or(0);
+            if letter == b'u' {
+                let hi = hex4(bytes, i + 2).ok_or(ParseError { at: i })?;
+                i += 6;
+                let c = if (0xD800..=0xDBFF).contains(&hi) {
+                    if bytes.get(i) != Some(&b'\\') || bytes.get(i + 1) != Some(&b'u') {
+                        return Err(ParseError { at: i });
+                    }
+                    let lo = hex4(bytes, i + 2).ok_or(ParseError { at: i })?;
                     i += 6;
-                    let code = match hi {
-                        0xD800..=0xDBFF => {
-                            if bytes.get(i) != Some(&b'\\') || bytes.get(i + 1) != Some(&b'u') {
-                                return Err(ParseError { at: i });
-                            }
-                            let lo = hex4(bytes, i + 2).ok_or(ParseError { at: i })?;
-                            if !(0xDC00..=0xDFFF).contains(&lo) {
-                                return Err(ParseError { at: i });
-                            }
-                            i += 6;
-                            0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
-                        }
-                        0xDC00..=0xDFFF => return Err(ParseError { at: i }),
-                        _ => hi,
-                    };
-                    self.decoded.push(char::from_u32(code).ok_or(ParseError { at: i })?);
-                    continue;
-                }
-                _ => return Err(ParseError { at: i }),
-            };
+                    surrogate_pair(hi, lo)
+                } else {
+                    char::from_u32(hi) // `None` for a lone low surrogate
+                };
+                self.decoded.push(c.ok_or(ParseError { at: i })?);
+                continue;
+            }
+            let c = short_escape(letter).ok_or(ParseError { at: i })?;
             self.decoded.push(c);
             i += 2;
         }
@@ -617,6 +605,30 @@ fn special(bytes: &[u8], from: usize) -> usize {
         i += 1;
     }
     i
+}
+
+/// The character a one-letter JSON escape stands for (`n` in `\\n`, ...); `None` for `u` and for
+/// what is not an escape.
+pub fn short_escape(letter: u8) -> Option<char> {
+    Some(match letter {
+        b'"' => '"',
+        b'\\' => '\\',
+        b'/' => '/',
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'n' => '\n',
+        b'r' => '\r',
+        b't' => '\t',
+        _ => return None,
+    })
+}
+
+/// The character a `\\uD8xx\\uDCxx` surrogate pair stands for, when `hi` and `lo` are one.
+pub fn surrogate_pair(hi: u32, lo: u32) -> Option<char> {
+    if !(0xD800..=0xDBFF).contains(&hi) || !(0xDC00..=0xDFFF).contains(&lo) {
+        return None;
+    }
+    char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
 }
 
 fn hex4(bytes: &[u8], at: usize) -> Option<u32> {
