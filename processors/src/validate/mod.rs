@@ -59,7 +59,7 @@ pub fn validate_resource(resource: &Value) -> Result<(), Vec<Issue>> {
 /// [`validate_resource`] over a tree parsed with [`Json::parse`]: the same rules and issues,
 /// without building a `serde_json::Value` first.
 pub fn validate_json(resource: &Json) -> Result<(), Vec<Issue>> {
-    walk(tree::root(resource))
+    walk(resource.root())
 }
 
 fn walk<'a, T: Tree<'a>>(resource: T) -> Result<(), Vec<Issue>> {

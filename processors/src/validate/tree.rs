@@ -1,4 +1,4 @@
-//! The JSON trees the validator walks: `serde_json::Value`, and the tape [`Json`] that borrows
+//! The JSON trees the validator walks: `serde_json::Value`, and the tape [`Json`](super::Json) that borrows
 //! from the text it was parsed from. The walker sees both through [`Tree`], so it gives the same
 //! answer over either.
 
@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde_json::{Map, Number, Value};
 
-use super::tape::{self, Json};
+use super::tape;
 
 /// One node of a JSON tree, as the validator sees it.
 pub(crate) enum View<'a, T: Tree<'a>> {
@@ -146,9 +146,4 @@ impl<'d, 'a: 'd> Tree<'d> for tape::Node<'d, 'a> {
     fn is_empty(object: Self::Obj) -> bool {
         object.is_empty()
     }
-}
-
-/// The root of a tape, for the walker.
-pub(crate) fn root<'d, 'a>(doc: &'d Json<'a>) -> tape::Node<'d, 'a> {
-    doc.root()
 }
