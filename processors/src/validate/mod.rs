@@ -2,7 +2,7 @@
 //! the official R4 (4.0.1) StructureDefinitions (`processors/data/r4-elements.tsv`, made by
 //! `scripts/gen-r4-elements.py`).
 //!
-//! Enforced (http://hl7.org/fhir/R4/json.html and the base definitions):
+//! Enforced (<http://hl7.org/fhir/R4/json.html> and the base definitions):
 //! - `resourceType` present and a concrete R4 resource type; `id` matches the R4 id grammar;
 //! - every property is an element of its type (datatype, resource or backbone element), with
 //!   choice elements (`value[x]` as `valueString`, `valueQuantity`, ...: only the allowed types,

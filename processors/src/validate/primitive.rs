@@ -1,5 +1,5 @@
 //! FHIR R4 primitive types: their JSON representation and hand-written checkers for the R4
-//! regular expressions (http://hl7.org/fhir/R4/datatypes.html#primitive), which are small
+//! regular expressions (<http://hl7.org/fhir/R4/datatypes.html#primitive>), which are small
 //! grammars; no regex engine needed.
 
 /// The R4 primitive types (`xhtml` included: Narrative.div).
