@@ -422,13 +422,25 @@ impl<'a, T: Tree<'a>> Walker<'a, T> {
                         format!("{} has {} entries, at least {} are required", self.path_string(), len, slot.min),
                     );
                 }
+                // `_name`, read in step with this array once a null needs it (a tape array has
+                // no random access, and looking up each index would be quadratic).
+                let mut beside = None;
                 for (i, item) in T::items(items).enumerate() {
                     if self.full() {
                         return;
                     }
                     self.path.push(Seg::Idx(i));
                     if matches!(item.view(), View::Null) {
-                        self.null_in_array(parent, name, i, elem);
+                        let paired = matches!(elem.kind, Kind::Prim(_))
+                            .then(|| {
+                                beside
+                                    .get_or_insert_with(|| {
+                                        Lockstep::new(array_items(T::get(parent, &format!("_{name}"))))
+                                    })
+                                    .at(i)
+                            })
+                            .flatten();
+                        self.null_in_array(name, i, elem, paired);
                     } else {
                         self.value(item, elem.kind);
                     }
@@ -455,8 +467,9 @@ impl<'a, T: Tree<'a>> Walker<'a, T> {
         }
     }
 
-    /// `null` at `name[i]`: only allowed for a primitive whose `_name[i]` carries id/extensions.
-    fn null_in_array(&mut self, parent: T::Obj, name: &str, i: usize, elem: Elem) {
+    /// `null` at `name[i]`: only allowed for a primitive whose `_name[i]` (`paired`) carries
+    /// id/extensions.
+    fn null_in_array(&mut self, name: &str, i: usize, elem: Elem, paired: Option<T>) {
         if !matches!(elem.kind, Kind::Prim(_)) {
             self.here(
                 IssueType::Structure,
@@ -464,13 +477,7 @@ impl<'a, T: Tree<'a>> Walker<'a, T> {
             );
             return;
         }
-        let paired = T::get(parent, &format!("_{name}"))
-            .and_then(|a| match a.view() {
-                View::Array(items) => T::item(items, i),
-                _ => None,
-            })
-            .is_some_and(|v| matches!(v.view(), View::Object(_)));
-        if !paired {
+        if !paired.is_some_and(|v| matches!(v.view(), View::Object(_))) {
             self.here(
                 IssueType::Structure,
                 format!("{} is null: a null value needs an id or extension at _{name}[{i}]", self.path_string()),
@@ -636,14 +643,17 @@ impl<'a, T: Tree<'a>> Walker<'a, T> {
                         );
                     }
                 }
+                let mut beside = Lockstep::new(values.into_iter().flat_map(T::items));
                 for (i, item) in T::items(items).enumerate() {
                     if self.full() {
                         return;
                     }
                     self.path.push(Seg::Idx(i));
-                    match item.view() {
+                    let view = item.view();
+                    let value_here = matches!(view, View::Null).then(|| beside.at(i)).flatten();
+                    match view {
                         // null beside a null value is reported with the value (null_in_array)
-                        View::Null if values.and_then(|vs| T::item(vs, i)).is_none() => {
+                        View::Null if value_here.is_none() => {
                             self.here(
                                 IssueType::Structure,
                                 format!("{} has neither a value nor extensions ('{key}[{i}]' is null and there is no '{name}[{i}]')", self.path_string()),
@@ -684,6 +694,36 @@ impl<'a, T: Tree<'a>> Walker<'a, T> {
                 );
             }
         }
+    }
+}
+
+/// The items of `v` when it is an array; none otherwise.
+fn array_items<'a, T: Tree<'a>>(v: Option<T>) -> impl Iterator<Item = T> + use<'a, T> {
+    v.and_then(|v| match v.view() {
+        View::Array(items) => Some(items),
+        _ => None,
+    })
+    .into_iter()
+    .flat_map(T::items)
+}
+
+/// Items of a sibling array looked up by the index of the array being walked, which only grows:
+/// each is reached by stepping forward, so a whole walk is linear even without random access.
+struct Lockstep<I> {
+    items: I,
+    next: usize,
+}
+
+impl<I: Iterator> Lockstep<I> {
+    fn new(items: I) -> Self {
+        Lockstep { items, next: 0 }
+    }
+
+    /// The item at `i` (`None` past the end, or for an index already passed).
+    fn at(&mut self, i: usize) -> Option<I::Item> {
+        let skip = i.checked_sub(self.next)?;
+        self.next = i + 1;
+        self.items.nth(skip)
     }
 }
 

@@ -206,10 +206,6 @@ impl<'d, 'a> Array<'d, 'a> {
             item
         })
     }
-
-    pub fn get(self, i: usize) -> Option<Node<'d, 'a>> {
-        self.iter().nth(i)
-    }
 }
 
 impl<'d, 'a> Object<'d, 'a> {
@@ -223,7 +219,7 @@ impl<'d, 'a> Object<'d, 'a> {
 
     /// Every member as written, repeats included.
     fn raw(self) -> Members<'d, 'a> {
-        Members { doc: self.doc, at: self.at + 1, left: self.len(), seen: 0, repeats: None }
+        Members { doc: self.doc, at: self.at + 1, left: self.len(), deduplicated: None }
     }
 
     fn has_repeats(self) -> bool {
@@ -233,7 +229,23 @@ impl<'d, 'a> Object<'d, 'a> {
     /// The members in document order; a repeated key once, at its first position, with its last
     /// value.
     pub fn members(self) -> Members<'d, 'a> {
-        Members { repeats: self.has_repeats().then_some(self), ..self.raw() }
+        if !self.has_repeats() {
+            return self.raw();
+        }
+        // Rare (the parse flags such objects), and done in one pass with a map: scanning for
+        // each member's first and last occurrence would be quadratic in a hostile object.
+        let mut at: std::collections::HashMap<&'d str, usize> = std::collections::HashMap::new();
+        let mut once: Vec<(&'d str, Node<'d, 'a>)> = Vec::new();
+        for (key, value) in self.raw() {
+            match at.get(key) {
+                Some(&i) => once[i].1 = value,
+                None => {
+                    at.insert(key, once.len());
+                    once.push((key, value));
+                }
+            }
+        }
+        Members { deduplicated: Some(once.into_iter()), ..self.raw() }
     }
 
     pub fn get(self, key: &str) -> Option<Node<'d, 'a>> {
@@ -251,11 +263,9 @@ pub struct Members<'d, 'a> {
     doc: &'d Json<'a>,
     at: u32,
     left: usize,
-    /// Members passed so far.
-    seen: usize,
-    /// The object, when it repeats a key: each key is then given once, at its first position,
-    /// with its last value.
-    repeats: Option<Object<'d, 'a>>,
+    /// For an object that repeats a key: each key once, at its first position, with its last
+    /// value.
+    deduplicated: Option<std::vec::IntoIter<(&'d str, Node<'d, 'a>)>>,
 }
 
 impl<'d, 'a> Iterator for Members<'d, 'a> {
@@ -263,23 +273,17 @@ impl<'d, 'a> Iterator for Members<'d, 'a> {
 
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if self.left == 0 {
-                return None;
-            }
-            self.left -= 1;
-            let key = self.doc.text_of(self.doc.cell(self.at));
-            let value = Node { doc: self.doc, at: self.at + 1 };
-            self.at = self.doc.next(self.at + 1);
-            let i = self.seen;
-            self.seen += 1;
-            let Some(o) = self.repeats else {
-                return Some((key, value));
-            };
-            if !o.raw().take(i).any(|(k, _)| k == key) {
-                return o.raw().skip(i).filter(|(k, _)| *k == key).last();
-            }
+        if let Some(once) = &mut self.deduplicated {
+            return once.next();
         }
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let key = self.doc.text_of(self.doc.cell(self.at));
+        let value = Node { doc: self.doc, at: self.at + 1 };
+        self.at = self.doc.next(self.at + 1);
+        Some((key, value))
     }
 }
 

@@ -631,3 +631,35 @@ fn the_tape_agrees_with_serde_json_on_mutated_resources() {
     // Both outcomes are exercised, so the comparison means something.
     assert!(parsed > 100 && refused > 100, "parsed {parsed}, refused {refused}");
 }
+
+/// Large objects and arrays on the paths that pair or deduplicate: repeated keys in long runs, and
+/// a long primitive array of nulls lined up with its `_x` array. The tape has no random access, so
+/// these are walked in step rather than looked up by index (which would be quadratic); the
+/// answers must still match `serde_json::Value`'s.
+#[test]
+fn long_repeats_and_long_paired_arrays_agree_with_serde_json() {
+    let n = 20_000;
+    let repeated = format!(
+        r#"{{"resourceType":"Patient","id":"p",{},{},"gender":""}}"#,
+        vec![r#""active":true"#; n].join(","),
+        vec![r#""gender":"male""#; n].join(",")
+    );
+    let nulls = vec!["null"; n].join(",");
+    let ids = vec![r#"{"id":"x"}"#; n].join(",");
+    let paired = format!(r#"{{"resourceType":"Patient","id":"p","name":[{{"given":[{nulls}],"_given":[{ids}]}}]}}"#);
+    let unpaired =
+        format!(r#"{{"resourceType":"Patient","id":"p","name":[{{"given":[{nulls},null],"_given":[{ids},null]}}]}}"#);
+    let values = vec![r#""a""#; n].join(",");
+    let extensions_of_values = format!(
+        r#"{{"resourceType":"Patient","id":"p","name":[{{"given":[{values}],"_given":[{}]}}]}}"#,
+        vec!["null"; n].join(",")
+    );
+    // The last `gender` (empty) is the one that counts: one issue.
+    for (text, want) in [(&repeated, 1), (&paired, 0), (&unpaired, 1), (&extensions_of_values, 0)] {
+        let value: Value = serde_json::from_str(text).expect("the case is JSON");
+        let from_value = validate_resource(&value).err().unwrap_or_default();
+        let from_tape = validate_json(&Json::parse(text).expect("the tape reads it")).err().unwrap_or_default();
+        assert_eq!(from_tape, from_value, "the trees disagree");
+        assert_eq!(from_value.len(), want, "{from_value:#?}");
+    }
+}

@@ -63,9 +63,6 @@ pub(crate) trait Tree<'a>: Copy + 'a {
     fn view(self) -> View<'a, Self>;
     fn len(items: Self::Arr) -> usize;
     fn items(items: Self::Arr) -> impl Iterator<Item = Self>;
-    fn item(items: Self::Arr, i: usize) -> Option<Self> {
-        Self::items(items).nth(i)
-    }
     fn get(object: Self::Obj, key: &str) -> Option<Self>;
     /// Members in document order, each key once (as `serde_json::Value` keeps them).
     fn members(object: Self::Obj) -> impl Iterator<Item = (&'a str, Self)>;
@@ -93,10 +90,6 @@ impl<'a> Tree<'a> for &'a Value {
 
     fn items(items: Self::Arr) -> impl Iterator<Item = Self> {
         items.iter()
-    }
-
-    fn item(items: Self::Arr, i: usize) -> Option<Self> {
-        items.get(i)
     }
 
     fn get(object: Self::Obj, key: &str) -> Option<Self> {
