@@ -20,6 +20,8 @@ use std::str::FromStr;
 
 use serde_json::Number;
 
+use super::tree::{Num, View};
+
 /// Containers nested deeper than this are refused (serde_json refuses at 128).
 const MAX_NESTING: usize = 127;
 
@@ -79,17 +81,6 @@ pub struct Node<'d, 'a> {
     at: u32,
 }
 
-/// What a node holds.
-pub enum Value<'d, 'a> {
-    Null,
-    Bool(bool),
-    /// The number as written (valid JSON number grammar).
-    Number(&'a str),
-    String(&'d str),
-    Array(Array<'d, 'a>),
-    Object(Object<'d, 'a>),
-}
-
 #[derive(Clone, Copy)]
 pub struct Array<'d, 'a> {
     doc: &'d Json<'a>,
@@ -134,8 +125,8 @@ impl<'a> Json<'a> {
 
     /// The member `key` of the root object.
     pub fn get(&self, key: &str) -> Option<Node<'_, 'a>> {
-        match self.root().value() {
-            Value::Object(o) => o.get(key),
+        match self.root().view() {
+            View::Object(o) => o.get(key),
             _ => None,
         }
     }
@@ -166,23 +157,24 @@ impl<'a> Json<'a> {
     }
 }
 
-impl<'d, 'a> Node<'d, 'a> {
-    pub fn value(self) -> Value<'d, 'a> {
+impl<'d, 'a: 'd> Node<'d, 'a> {
+    /// What the node holds, as the validator sees any JSON tree.
+    pub(crate) fn view(self) -> View<'d, Self> {
         let n = self.doc.cell(self.at);
         match n.tag {
-            Tag::Null => Value::Null,
-            Tag::False => Value::Bool(false),
-            Tag::True => Value::Bool(true),
-            Tag::Num => Value::Number(&self.doc.text[n.a as usize..(n.a + n.b) as usize]),
-            Tag::Str | Tag::Esc => Value::String(self.doc.text_of(n)),
-            Tag::Arr => Value::Array(Array { doc: self.doc, at: self.at }),
-            Tag::Obj | Tag::ObjDup => Value::Object(Object { doc: self.doc, at: self.at }),
+            Tag::Null => View::Null,
+            Tag::False => View::Bool(false),
+            Tag::True => View::Bool(true),
+            Tag::Num => View::Number(Num::Text(&self.doc.text[n.a as usize..(n.a + n.b) as usize])),
+            Tag::Str | Tag::Esc => View::String(self.doc.text_of(n)),
+            Tag::Arr => View::Array(Array { doc: self.doc, at: self.at }),
+            Tag::Obj | Tag::ObjDup => View::Object(Object { doc: self.doc, at: self.at }),
         }
     }
 
     pub fn as_str(self) -> Option<&'d str> {
-        match self.value() {
-            Value::String(s) => Some(s),
+        match self.view() {
+            View::String(s) => Some(s),
             _ => None,
         }
     }
@@ -191,10 +183,6 @@ impl<'d, 'a> Node<'d, 'a> {
 impl<'d, 'a> Array<'d, 'a> {
     pub fn len(self) -> usize {
         self.doc.cell(self.at).a as usize
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.len() == 0
     }
 
     pub fn iter(self) -> impl Iterator<Item = Node<'d, 'a>> {
@@ -647,13 +635,14 @@ mod tests {
 
     /// The same document as a `serde_json::Value`, to compare with serde_json's own parse.
     fn to_value(n: Node) -> serde_json::Value {
-        match n.value() {
-            Value::Null => serde_json::Value::Null,
-            Value::Bool(b) => serde_json::Value::Bool(b),
-            Value::Number(t) => serde_json::Value::Number(number(t).unwrap()),
-            Value::String(s) => serde_json::Value::String(s.to_string()),
-            Value::Array(a) => serde_json::Value::Array(a.iter().map(to_value).collect()),
-            Value::Object(o) => {
+        match n.view() {
+            View::Null => serde_json::Value::Null,
+            View::Bool(b) => serde_json::Value::Bool(b),
+            View::Number(Num::Text(t)) => serde_json::Value::Number(number(t).unwrap()),
+            View::Number(Num::Parsed(n)) => serde_json::Value::Number(n.clone()),
+            View::String(s) => serde_json::Value::String(s.to_string()),
+            View::Array(a) => serde_json::Value::Array(a.iter().map(to_value).collect()),
+            View::Object(o) => {
                 serde_json::Value::Object(o.members().map(|(k, v)| (k.to_string(), to_value(v))).collect())
             }
         }
@@ -764,10 +753,10 @@ mod tests {
     #[test]
     fn repeated_keys_read_as_in_serde_json_value() {
         let doc = Json::parse(r#"{"a":1,"b":{"x":[1,2]},"a":{"y":true},"c":3}"#).unwrap();
-        let Value::Object(o) = doc.root().value() else { panic!("an object") };
+        let View::Object(o) = doc.root().view() else { panic!("an object") };
         let keys: Vec<&str> = o.members().map(|(k, _)| k).collect();
         assert_eq!(keys, ["a", "b", "c"]);
-        assert!(matches!(o.get("a").map(Node::value), Some(Value::Object(_))));
+        assert!(matches!(o.get("a").map(Node::view), Some(View::Object(_))));
         assert_eq!(o.len(), 4, "len counts members as written");
     }
 

@@ -110,14 +110,7 @@ impl<'d, 'a: 'd> Tree<'d> for tape::Node<'d, 'a> {
     type Obj = tape::Object<'d, 'a>;
 
     fn view(self) -> View<'d, Self> {
-        match self.value() {
-            tape::Value::Null => View::Null,
-            tape::Value::Bool(b) => View::Bool(b),
-            tape::Value::Number(t) => View::Number(Num::Text(t)),
-            tape::Value::String(s) => View::String(s),
-            tape::Value::Array(a) => View::Array(a),
-            tape::Value::Object(o) => View::Object(o),
-        }
+        tape::Node::view(self)
     }
 
     fn len(items: Self::Arr) -> usize {
