@@ -586,14 +586,7 @@ async fn round(run: &Run, round: usize) -> anyhow::Result<Round> {
         let store = app.store.clone().context("payerx started without its views")?;
         let before = visible(&store).await?;
         let floor = floor(run, floor_input).await.context("floor phase")?;
-        let load_args = LoadArgs {
-            backend: backend.clone(),
-            path: path.clone(),
-            chunk: CHUNK,
-            show_rejects: 20,
-            quiet: true,
-            workers: None,
-        };
+        let load_args = LoadArgs { chunk: CHUNK, ..LoadArgs::new(backend.clone(), path.clone()) };
         eprintln!("bench: load: {n} resources ({:.1} MB of NDJSON) through payerx load", bytes as f64 / 1e6);
         run.reset_rss();
         let ticks = thread_ticks();
@@ -754,8 +747,7 @@ async fn load_alone(run: &Run) -> anyhow::Result<Phase> {
             .context("writing the NDJSON input")?
     };
     let log = backend.open_log().await?;
-    let load_args =
-        LoadArgs { backend: backend.clone(), path, chunk: CHUNK, show_rejects: 20, quiet: true, workers: None };
+    let load_args = LoadArgs { chunk: CHUNK, ..LoadArgs::new(backend.clone(), path) };
     eprintln!("bench: stages: payerx load with nothing else running");
     run.reset_rss();
     let start = Instant::now();

@@ -273,14 +273,7 @@ async fn load_members(app: &App, args: &MemberMatchBenchArgs, backend: &BackendA
     }
     eprintln!("bench: member-match: loading {} members ({} resources)", args.members, args.members * 2);
     let t = Instant::now();
-    let load_args = crate::load::LoadArgs {
-        backend: backend.clone(),
-        path,
-        chunk: 1000,
-        workers: None,
-        show_rejects: 5,
-        quiet: true,
-    };
+    let load_args = crate::load::LoadArgs { show_rejects: 5, ..crate::load::LoadArgs::new(backend.clone(), path) };
     let report = crate::load::load_into(app.log.clone(), &load_args).await;
     let _ = std::fs::remove_file(&load_args.path);
     let report = report?;

@@ -2,7 +2,7 @@
 //! through the same checks and events as the HTTP API, with a progress bar and a final count.
 //! NDJSON is streamed line by line, so memory does not grow with the file.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -28,12 +28,33 @@ pub struct LoadArgs {
     /// Threads that parse and validate (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// NDJSON lines longer than this are rejected unread (the HTTP API's body limit by default).
+    #[arg(long, env = "PAYERX_MAX_LINE_BYTES", default_value_t = MAX_LINE_BYTES)]
+    pub max_line_bytes: usize,
     /// Print at most this many rejected lines in full.
     #[arg(long, default_value_t = 20)]
     pub show_rejects: usize,
     /// No progress bar (for scripts).
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `--max-line-bytes` by default: the HTTP API's body limit.
+pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+
+impl LoadArgs {
+    /// The command's defaults for `path`, quiet.
+    pub fn new(backend: BackendArgs, path: PathBuf) -> LoadArgs {
+        LoadArgs {
+            backend,
+            path,
+            chunk: 1000,
+            workers: None,
+            max_line_bytes: MAX_LINE_BYTES,
+            show_rejects: 20,
+            quiet: true,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -109,8 +130,9 @@ fn entry_event(change: ResourceChange, correlation: &str) -> ResourceChanged {
 /// The common NDJSON line, a resource with an id, checked on a tree that borrows from the line
 /// and stored as the line itself: no `serde_json::Value` is built (that cost more than the
 /// check). `None` for everything else (not JSON, a Bundle, no id), which [`items_of`] handles
-/// with the same outcome it always had.
-fn resource_line(text: &mut String, origin: &str, correlation: &str) -> Option<Item> {
+/// with the same outcome it always had. `origin` names the line, and is only formatted for a
+/// rejection.
+fn resource_line(text: &str, origin: &dyn Fn() -> String, correlation: &str) -> Option<Item> {
     use processors::validate::Json;
     let doc = Json::parse(text).ok()?;
     let rtype = doc.str("resourceType").unwrap_or("");
@@ -118,34 +140,20 @@ fn resource_line(text: &mut String, origin: &str, correlation: &str) -> Option<I
         return None;
     }
     let id = doc.str("id")?;
-    let checked = processors::validate_processor::check_json(&doc, rtype, id, None);
-    let (rtype, id) = (rtype.to_string(), id.to_string());
-    drop(doc);
-    Some(match checked {
+    Some(match processors::validate_processor::check_json(&doc, rtype, id, None) {
         Ok(()) => Item::Event(entry_event(
             ResourceChange {
                 action: ChangeAction::Upsert,
-                resource_type: rtype,
-                resource_id: id,
-                // The line itself (no copy); `lines()` already took its end of line.
-                resource: Some(take_trimmed(text)),
+                resource_type: rtype.to_string(),
+                resource_id: id.to_string(),
+                resource: Some(text.trim().to_string()),
                 if_match: None,
                 created: false,
             },
             correlation,
         )),
-        Err(oo) => Item::Rejected(origin.to_string(), oo),
+        Err(oo) => Item::Rejected(origin(), oo),
     })
-}
-
-/// The string, without surrounding whitespace, reusing its buffer when there is none.
-fn take_trimmed(text: &mut String) -> String {
-    let trimmed = text.trim();
-    if trimmed.len() == text.len() {
-        std::mem::take(text)
-    } else {
-        trimmed.to_string()
-    }
 }
 
 /// Items of one parsed JSON document: a resource, or the entries of a Bundle.
@@ -195,23 +203,49 @@ fn items_of(doc: Value, raw: Option<&str>, origin: &str, correlation: &str) -> V
         .collect()
 }
 
-/// Input as read, before any parsing of NDJSON lines (that happens on the workers).
+/// Bytes read from an NDJSON file at a time.
+const READ_BYTES: usize = 256 * 1024;
+/// A block of NDJSON lines is handed to the workers at `--chunk` lines or at this many bytes,
+/// whichever comes first (plus at most one line: a block holds whole lines).
+const BLOCK_BYTES: usize = 8 * 1024 * 1024;
+
+/// Input as read, before any parsing (that happens on the workers).
 enum Raw {
-    Line { origin: String, text: String },
-    Document { origin: String, doc: Result<Value, String> },
+    /// Whole lines of an NDJSON file, as read: split, but not yet decoded or parsed.
+    Lines(Lines),
+    /// Input refused before parsing (an NDJSON line over the length limit).
+    Refused {
+        origin: String,
+        why: String,
+    },
+    Document {
+        origin: String,
+        doc: Result<Value, String>,
+    },
+}
+
+/// Consecutive lines of one NDJSON file in one buffer, so the reader neither copies nor
+/// allocates per line.
+struct Lines {
+    file: Arc<str>,
+    text: Vec<u8>,
+    /// `(start, end, line number)` of each line in `text` that is not blank.
+    lines: Vec<(usize, usize, u64)>,
 }
 
 /// Reads every file and sends its input in chunks; runs on a blocking thread.
 fn read_all(
     files: Vec<PathBuf>,
     chunk: usize,
+    max_line: usize,
     tx: tokio::sync::mpsc::Sender<Vec<Raw>>,
     bar: ProgressBar,
 ) -> anyhow::Result<()> {
-    let mut buf = Vec::with_capacity(chunk);
-    let send = |buf: &mut Vec<Raw>| -> anyhow::Result<()> {
-        if !buf.is_empty() {
-            tx.blocking_send(std::mem::take(buf)).map_err(|_| anyhow::anyhow!("appender stopped"))?;
+    let mut buf = Vec::new();
+    let mut send = |item: Raw, now: bool| -> anyhow::Result<()> {
+        buf.push(item);
+        if now || buf.len() >= chunk {
+            tx.blocking_send(std::mem::take(&mut buf)).map_err(|_| anyhow::anyhow!("appender stopped"))?;
         }
         Ok(())
     };
@@ -220,27 +254,88 @@ fn read_all(
         let file = std::fs::File::open(&f).with_context(|| format!("opening {name}"))?;
         let ndjson = matches!(f.extension().and_then(|e| e.to_str()), Some("ndjson" | "jsonl"));
         if ndjson {
-            for (n, line) in BufReader::with_capacity(1 << 20, file).lines().enumerate() {
-                let line = line.with_context(|| format!("reading {name}"))?;
-                bar.inc(line.len() as u64 + 1);
-                if line.trim().is_empty() {
-                    continue;
-                }
-                buf.push(Raw::Line { origin: format!("{name}:{}", n + 1), text: line });
-                if buf.len() >= chunk {
-                    send(&mut buf)?;
-                }
-            }
+            read_ndjson(file, name.into(), chunk, max_line, &mut send, &bar)?;
         } else {
             // A Bundle file is one JSON document: parsed whole (bounded by the file).
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
             let doc = serde_json::from_reader::<_, Value>(BufReader::new(file)).map_err(|e| e.to_string());
-            buf.push(Raw::Document { origin: name, doc });
+            send(Raw::Document { origin: name, doc }, true)?;
             bar.inc(len);
-            send(&mut buf)?;
         }
     }
-    send(&mut buf)
+    if !buf.is_empty() {
+        tx.blocking_send(buf).map_err(|_| anyhow::anyhow!("appender stopped"))?;
+    }
+    Ok(())
+}
+
+/// Splits one NDJSON file into blocks of whole lines (`chunk` lines at most, or about
+/// `BLOCK_BYTES`). A line longer than `max_line` is refused and skipped without being held, so
+/// memory stays bounded whatever the file holds.
+fn read_ndjson(
+    mut file: impl Read,
+    name: Arc<str>,
+    chunk: usize,
+    max_line: usize,
+    send: &mut impl FnMut(Raw, bool) -> anyhow::Result<()>,
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
+    let block = |file: &Arc<str>, text: Vec<u8>| Lines { file: file.clone(), text, lines: Vec::with_capacity(chunk) };
+    let mut cur = block(&name, Vec::with_capacity(BLOCK_BYTES.min(chunk * 4096) + READ_BYTES));
+    // The current line starts at `start` of `cur.text`; newlines are searched for from `scan`.
+    let (mut start, mut scan, mut line_no) = (0usize, 0usize, 1u64);
+    // Inside a line over the limit, whose bytes are being dropped.
+    let mut skipping = false;
+    loop {
+        while let Some(i) = memchr::memchr(b'\n', &cur.text[scan..]).map(|i| scan + i) {
+            if skipping {
+                // The end of a line refused below.
+            } else if i - start > max_line {
+                send(refuse_long(&name, line_no, max_line), false)?;
+            } else if !cur.text[start..i].trim_ascii().is_empty() {
+                cur.lines.push((start, i, line_no));
+            }
+            (start, scan, line_no, skipping) = (i + 1, i + 1, line_no + 1, false);
+            if cur.lines.len() >= chunk || start >= BLOCK_BYTES {
+                // The bytes after the last whole line start the next block.
+                let mut next = Vec::with_capacity(cur.text.capacity());
+                next.extend_from_slice(&cur.text[start..]);
+                cur.text.truncate(start);
+                let full = std::mem::replace(&mut cur, block(&name, next));
+                send(Raw::Lines(full), true)?;
+                (start, scan) = (0, 0);
+            }
+        }
+        scan = cur.text.len();
+        if !skipping && scan - start > max_line {
+            send(refuse_long(&name, line_no, max_line), false)?;
+            skipping = true;
+        }
+        if skipping {
+            cur.text.truncate(start);
+            scan = start;
+        }
+        let n = (&mut file)
+            .take(READ_BYTES as u64)
+            .read_to_end(&mut cur.text)
+            .with_context(|| format!("reading {name}"))?;
+        if n == 0 {
+            // The last line may have no end of line.
+            if !skipping && !cur.text[start..].trim_ascii().is_empty() {
+                cur.lines.push((start, cur.text.len(), line_no));
+            }
+            if !cur.lines.is_empty() {
+                send(Raw::Lines(cur), true)?;
+            }
+            return Ok(());
+        }
+        bar.inc(n as u64);
+    }
+}
+
+fn refuse_long(file: &str, line_no: u64, max_line: usize) -> Raw {
+    let why = format!("the line is longer than {max_line} bytes (--max-line-bytes)");
+    Raw::Refused { origin: format!("{file}:{line_no}"), why }
 }
 
 /// Parses, checks and encodes one chunk: the appendable records and the rejections.
@@ -258,29 +353,48 @@ fn prepare(chunk: Vec<Raw>, correlation: &str, topic: &str) -> (Vec<Record>, Vec
     let mut records = Vec::with_capacity(chunk.len());
     let mut rejected = Vec::new();
     let not_json = |e: String| OperationOutcome::error(schemas::IssueType::Structure, format!("not valid JSON: {e}"));
+    let mut emit = |item: Item| match item {
+        Item::Event(ev) => match record(topic, &ev) {
+            Ok(r) => records.push(r),
+            Err(e) => rejected.push((
+                ev.key(),
+                OperationOutcome::error(schemas::IssueType::Exception, format!("cannot encode: {e}")),
+            )),
+        },
+        Item::Rejected(origin, oo) => rejected.push((origin, oo)),
+    };
     for raw in chunk {
-        let items = match raw {
-            Raw::Line { origin, mut text } => match resource_line(&mut text, &origin, correlation) {
-                Some(item) => vec![item],
-                None => match serde_json::from_str::<Value>(&text) {
-                    Ok(doc) => items_of(doc, Some(text.trim()), &origin, correlation),
-                    Err(e) => vec![Item::Rejected(origin, not_json(e.to_string()))],
-                },
-            },
-            Raw::Document { origin, doc: Ok(doc) } => items_of(doc, None, &origin, correlation),
-            Raw::Document { origin, doc: Err(e) } => vec![Item::Rejected(origin, not_json(e))],
-        };
-        for item in items {
-            match item {
-                Item::Event(ev) => match record(topic, &ev) {
-                    Ok(r) => records.push(r),
-                    Err(e) => rejected.push((
-                        ev.key(),
-                        OperationOutcome::error(schemas::IssueType::Exception, format!("cannot encode: {e}")),
-                    )),
-                },
-                Item::Rejected(origin, oo) => rejected.push((origin, oo)),
+        match raw {
+            Raw::Lines(block) => {
+                for &(start, end, n) in &block.lines {
+                    let origin = || format!("{}:{n}", block.file);
+                    let text = match std::str::from_utf8(&block.text[start..end]) {
+                        Ok(text) => text,
+                        Err(e) => {
+                            let why = format!("the line is not valid UTF-8 (at byte {})", e.valid_up_to());
+                            emit(Item::Rejected(origin(), OperationOutcome::error(schemas::IssueType::Structure, why)));
+                            continue;
+                        }
+                    };
+                    if let Some(item) = resource_line(text, &origin, correlation) {
+                        emit(item);
+                        continue;
+                    }
+                    match serde_json::from_str::<Value>(text) {
+                        Ok(doc) => {
+                            items_of(doc, Some(text.trim()), &origin(), correlation).into_iter().for_each(&mut emit)
+                        }
+                        Err(e) => emit(Item::Rejected(origin(), not_json(e.to_string()))),
+                    }
+                }
             }
+            Raw::Refused { origin, why } => {
+                emit(Item::Rejected(origin, OperationOutcome::error(schemas::IssueType::TooLong, why)));
+            }
+            Raw::Document { origin, doc: Ok(doc) } => {
+                items_of(doc, None, &origin, correlation).into_iter().for_each(&mut emit);
+            }
+            Raw::Document { origin, doc: Err(e) } => emit(Item::Rejected(origin, not_json(e))),
         }
     }
     (records, rejected)
@@ -311,8 +425,8 @@ pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<Loa
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Raw>>(workers * 2);
     let reader = {
         let bar = bar.clone();
-        let chunk = args.chunk.max(1);
-        tokio::task::spawn_blocking(move || read_all(files, chunk, tx, bar))
+        let (chunk, max_line) = (args.chunk.max(1), args.max_line_bytes.max(1));
+        tokio::task::spawn_blocking(move || read_all(files, chunk, max_line, tx, bar))
     };
     // The workers are driven by a task of their own: `buffered` starts the next chunk only when
     // it is polled, so polling it from the loop below (which waits for appends) left one worker
@@ -380,36 +494,72 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    /// Line endings (LF, CRLF, none at the end), blank lines, a line longer than the reader's
-    /// first guess, line numbers, and the origin a rejection names.
+    /// A line as (origin, bytes).
+    type Line = (String, Vec<u8>);
+
+    /// What the reader sent: each line, and the origin of each refusal.
+    fn read(path: &Path, chunk: usize, max_line: usize) -> (Vec<Raw>, Vec<Line>, Vec<String>) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+        read_all(vec![path.to_path_buf()], chunk, max_line, tx, ProgressBar::hidden()).unwrap();
+        let raws: Vec<Raw> = std::iter::from_fn(|| rx.try_recv().ok()).flatten().collect();
+        let (mut lines, mut refused) = (vec![], vec![]);
+        for raw in &raws {
+            match raw {
+                Raw::Lines(b) => {
+                    assert!(b.lines.len() <= chunk, "a block holds at most --chunk lines");
+                    for &(s, e, n) in &b.lines {
+                        lines.push((format!("{}:{n}", b.file), b.text[s..e].to_vec()));
+                    }
+                }
+                Raw::Refused { origin, .. } => refused.push(origin.clone()),
+                Raw::Document { .. } => panic!("an NDJSON file gives lines"),
+            }
+        }
+        (raws, lines, refused)
+    }
+
+    /// Line endings (LF, CRLF, none at the end), blank lines, lines longer than one read, a line
+    /// over the limit (refused, not held), a line that is not UTF-8, line numbers, and the origin
+    /// each rejection names; the same whatever the block size.
     #[test]
     fn ndjson_lines_are_read_whole_and_numbered() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("feed.ndjson");
-        let ok = |id: &str| format!(r#"{{"resourceType":"Patient","id":"{id}","gender":"female"}}"#);
+        let ok = |id: &str, pad: usize| {
+            format!(r#"{{"resourceType":"Patient","id":"{id}","name":[{{"text":"{}"}}]}}"#, "x".repeat(pad))
+        };
         let bad = r#"{"resourceType":"Patient","id":"b","birthDate":"1980-99-01"}"#;
-        let long = format!(r#"{{"resourceType":"Patient","id":"long","name":[{{"text":"{}"}}]}}"#, "x".repeat(9000));
-        let text = format!("{}\r\n\n{}\n  \r\n{bad}\r\n{long}\n{}", ok("a"), ok("c"), ok("z"));
-        std::fs::write(&path, text).unwrap();
+        let max_line = 2 * READ_BYTES;
+        let long = ok("long", READ_BYTES + 1000);
+        let too_long = ok("too-long", max_line + 1);
+        let mut text = format!("{}\r\n\n{}\n  \r\n{bad}\r\n{long}\n{too_long}\n", ok("a", 1), ok("c", 1)).into_bytes();
+        let not_utf8: &[u8] = b"{\"resourceType\":\"Patient\",\"id\":\"\xff\"}";
+        text.extend_from_slice(not_utf8);
+        text.extend_from_slice(b"\r\n");
+        text.extend_from_slice(format!("{too_long}\r\n{}", ok("z", 1)).as_bytes());
+        std::fs::write(&path, &text).unwrap();
 
-        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        read_all(vec![path.clone()], 1000, tx, ProgressBar::hidden()).unwrap();
-        let lines: Vec<(String, String)> = std::iter::from_fn(|| rx.try_recv().ok())
-            .flatten()
-            .map(|raw| match raw {
-                Raw::Line { origin, text } => (origin, text),
-                Raw::Document { .. } => panic!("an NDJSON file gives lines"),
-            })
-            .collect();
         let at = |n: usize| format!("{}:{n}", path.display());
-        let want =
-            [(at(1), ok("a")), (at(3), ok("c")), (at(5), bad.to_string()), (at(6), long.clone()), (at(7), ok("z"))];
-        assert_eq!(lines, want);
+        let want: Vec<Line> = [(1, ok("a", 1)), (3, ok("c", 1)), (5, bad.to_string()), (6, long.clone())]
+            .into_iter()
+            .map(|(n, t)| (at(n), t.into_bytes()))
+            .chain([(at(8), not_utf8.to_vec()), (at(10), ok("z", 1).into_bytes())])
+            .collect();
+        for chunk in [1, 2, 1000] {
+            let (raws, lines, refused) = read(&path, chunk, max_line);
+            let strip =
+                |l: &[Line]| -> Vec<Line> { l.iter().map(|(o, t)| (o.clone(), t.trim_ascii().to_vec())).collect() };
+            assert_eq!(strip(&lines), want, "chunk {chunk}");
+            assert_eq!(refused, [at(7), at(9)], "chunk {chunk}");
 
-        let raws = lines.into_iter().map(|(origin, text)| Raw::Line { origin, text }).collect();
-        let (records, rejected) = prepare(raws, "c", "fhir.submissions");
-        assert_eq!(records.len(), 4);
-        assert_eq!(rejected.len(), 1);
-        assert_eq!(rejected[0].0, at(5), "a rejection names its file and line");
+            let (records, rejected) = prepare(raws, "c", "fhir.submissions");
+            assert_eq!(records.len(), 4, "a, c, long and z");
+            let mut origins: Vec<&str> = rejected.iter().map(|(o, _)| o.as_str()).collect();
+            origins.sort_by_key(|o| o.rsplit(':').next().and_then(|n| n.parse::<u32>().ok()));
+            assert_eq!(origins, [at(5), at(7), at(8), at(9)], "each rejection names its file and line");
+            let why: Vec<String> = rejected.iter().map(|(_, oo)| oo.summary()).collect();
+            assert!(why.iter().any(|w| w.contains("not valid UTF-8")), "{why:?}");
+            assert!(why.iter().filter(|w| w.contains("--max-line-bytes")).count() == 2, "{why:?}");
+        }
     }
 }

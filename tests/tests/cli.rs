@@ -30,14 +30,7 @@ async fn load_feeds_ndjson_and_bundles(h: Harness) {
     let collection = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": patient("coll1", "C")}]});
     std::fs::write(folder.join("nested/collection.json"), collection.to_string()).unwrap();
 
-    let args = LoadArgs {
-        backend: h.backend.clone(),
-        path: folder,
-        chunk: 64,
-        show_rejects: 0,
-        quiet: true,
-        workers: Some(3),
-    };
+    let args = LoadArgs { chunk: 64, show_rejects: 0, workers: Some(3), ..LoadArgs::new(h.backend.clone(), folder) };
     let report = load_into(h.app().log.clone(), &args).await.unwrap();
     assert_eq!(report.files, 3);
     assert_eq!(report.accepted, 200 + 1 + 1, "200 patients, one transaction event, one collection entry");
@@ -87,8 +80,7 @@ async fn generated_data_loads_cleanly() {
     let out =
         Command::new(payerx_binary()).args(["generate", "--resources", "60", "--out"]).arg(&file).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let args =
-        LoadArgs { backend: h.backend.clone(), path: file, chunk: 16, show_rejects: 5, quiet: true, workers: None };
+    let args = LoadArgs { chunk: 16, show_rejects: 5, ..LoadArgs::new(h.backend.clone(), file) };
     let report = load_into(h.app().log.clone(), &args).await.unwrap();
     assert_eq!((report.accepted, report.rejected), (60, 0));
     h.eventually("generated data is visible", || async {
