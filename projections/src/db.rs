@@ -7,7 +7,8 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
 
-use runtime::embedded::RESTART_WAL_BYTES; // the same WAL size policy as the embedded log's
+// The same WAL size and restart policy as the embedded log's.
+use runtime::embedded::{flush_filesystem, CATCH_UP_BYTES, CATCH_UP_ROUNDS, RESTART_WAL_BYTES};
 
 use crate::ProjectionError;
 
@@ -47,8 +48,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// it, and with the projections and the API reading all the time that moment may not come: the
 /// WAL reached 2.5 GB in a 200,000-resource load. So past `RESTART_WAL_BYTES` a RESTART follows,
 /// on a connection of its own that waits at most 50 ms for the readers (the writers wait as
-/// long), with little left to copy by then.
-fn spawn_checkpoints(pool: AnyPool, restart_bytes: i64) -> std::sync::Arc<StopOnDrop> {
+/// long). Before it, rounds of (flush the folder's filesystem, PASSIVE) leave it little to copy
+/// and sync while it holds back the writers, as in the embedded log.
+fn spawn_checkpoints(pool: AnyPool, dir: Option<std::path::PathBuf>, restart_bytes: i64) -> std::sync::Arc<StopOnDrop> {
     let stop = tokio_util::sync::CancellationToken::new();
     let token = stop.clone();
     tokio::spawn(async move {
@@ -58,7 +60,7 @@ fn spawn_checkpoints(pool: AnyPool, restart_bytes: i64) -> std::sync::Arc<StopOn
                 _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
                 _ = token.cancelled() => return,
             }
-            if let Err(e) = checkpoint(&pool, &mut conn, restart_bytes).await {
+            if let Err(e) = checkpoint(&pool, &mut conn, dir.as_deref(), restart_bytes).await {
                 // A new connection next round.
                 conn = None;
                 tracing::warn!(error = %e, "views checkpoint failed; retrying");
@@ -71,6 +73,7 @@ fn spawn_checkpoints(pool: AnyPool, restart_bytes: i64) -> std::sync::Arc<StopOn
 async fn checkpoint(
     pool: &AnyPool,
     conn: &mut Option<(AnyConnection, i64)>,
+    dir: Option<&Path>,
     restart_bytes: i64,
 ) -> Result<(), sqlx::Error> {
     if conn.is_none() {
@@ -80,8 +83,24 @@ async fn checkpoint(
         *conn = Some((c, page_size.max(512)));
     }
     let Some((c, page_size)) = conn.as_mut() else { return Ok(()) };
-    let frames: i64 = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *c).await?.try_get(1)?;
+    let passive = async |c: &mut AnyConnection| -> Result<(i64, i64), sqlx::Error> {
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(c).await?;
+        Ok((row.try_get(1)?, row.try_get(2)?))
+    };
+    let (frames, mut before) = passive(c).await?;
     if frames * *page_size >= restart_bytes {
+        for _ in 0..CATCH_UP_ROUNDS {
+            if let Some(dir) = dir {
+                let dir = dir.to_path_buf();
+                let _ = tokio::task::spawn_blocking(move || flush_filesystem(&dir)).await;
+            }
+            let (_, now) = passive(c).await?;
+            let fresh = now - before;
+            before = now;
+            if fresh * *page_size <= CATCH_UP_BYTES {
+                break;
+            }
+        }
         sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&mut *c).await?;
     }
     Ok(())
@@ -112,10 +131,13 @@ impl Db {
                 "unsupported database URL {url:?}: use sqlite://… or postgres://…"
             )));
         };
+        // The SQLite file's folder (created if missing), whose filesystem the checkpoints flush.
+        let mut dir = None;
         if backend == Backend::Sqlite {
             if let Some(path) = url.strip_prefix("sqlite://").and_then(|p| p.split('?').next()) {
                 if let Some(parent) = Path::new(path).parent() {
                     let _ = std::fs::create_dir_all(parent);
+                    dir = Some(if parent.as_os_str().is_empty() { Path::new(".") } else { parent }.to_path_buf());
                 }
             }
         }
@@ -137,7 +159,7 @@ impl Db {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        let checkpoints = (backend == Backend::Sqlite).then(|| spawn_checkpoints(pool.clone(), restart_bytes));
+        let checkpoints = (backend == Backend::Sqlite).then(|| spawn_checkpoints(pool.clone(), dir, restart_bytes));
         Ok(Db { pool, backend, home: tokio::runtime::Handle::current(), _checkpoints: checkpoints })
     }
 }

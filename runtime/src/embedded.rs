@@ -87,8 +87,8 @@ const RESTART_WAIT: Duration = Duration::from_millis(50);
 /// Before a restart, rounds of (flush, PASSIVE checkpoint) repeat, at most `CATCH_UP_ROUNDS`,
 /// until one copies at most this much: the restart then has little to copy and sync while it
 /// holds back the writer. (Without them a restart in a load stalled appends for 300-500 ms.)
-const CATCH_UP_BYTES: i64 = 8 << 20;
-const CATCH_UP_ROUNDS: usize = 6;
+pub const CATCH_UP_BYTES: i64 = 8 << 20;
+pub const CATCH_UP_ROUNDS: usize = 6;
 
 /// How long a connection waits for a lock before an append or read fails as busy.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,7 +117,7 @@ fn busy_step(attempts: i32, limit: Duration) -> bool {
 /// Writes back the dirty pages of the filesystem holding `dir`, the log's among them, without
 /// holding any lock of the log. Through the folder, not the database file: closing any other
 /// descriptor of the database file would drop the process's SQLite locks on it.
-fn flush_filesystem(dir: &Path) {
+pub fn flush_filesystem(dir: &Path) {
     #[cfg(target_os = "linux")]
     match std::fs::File::open(dir) {
         Ok(d) => {
