@@ -1,6 +1,6 @@
 //! `payerx load PATH`: feeds NDJSON files, Bundle JSON files, or a folder of them into the log
 //! through the same checks and events as the HTTP API, with a progress bar and a final count.
-//! NDJSON is streamed line by line, so memory does not grow with the file.
+//! NDJSON is read in blocks of whole lines, so memory does not grow with the file.
 
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -242,10 +242,16 @@ fn read_all(
     bar: ProgressBar,
 ) -> anyhow::Result<()> {
     let mut buf = Vec::new();
+    let flush = |buf: &mut Vec<Raw>| -> anyhow::Result<()> {
+        if !buf.is_empty() {
+            tx.blocking_send(std::mem::take(buf)).map_err(|_| anyhow::anyhow!("appender stopped"))?;
+        }
+        Ok(())
+    };
     let mut send = |item: Raw, now: bool| -> anyhow::Result<()> {
         buf.push(item);
         if now || buf.len() >= chunk {
-            tx.blocking_send(std::mem::take(&mut buf)).map_err(|_| anyhow::anyhow!("appender stopped"))?;
+            flush(&mut buf)?;
         }
         Ok(())
     };
@@ -263,10 +269,7 @@ fn read_all(
             bar.inc(len);
         }
     }
-    if !buf.is_empty() {
-        tx.blocking_send(buf).map_err(|_| anyhow::anyhow!("appender stopped"))?;
-    }
-    Ok(())
+    flush(&mut buf)
 }
 
 /// Splits one NDJSON file into blocks of whole lines (`chunk` lines at most, or about
@@ -281,7 +284,9 @@ fn read_ndjson(
     bar: &ProgressBar,
 ) -> anyhow::Result<()> {
     let block = |file: &Arc<str>, text: Vec<u8>| Lines { file: file.clone(), text, lines: Vec::with_capacity(chunk) };
-    let mut cur = block(&name, Vec::with_capacity(BLOCK_BYTES.min(chunk * 4096) + READ_BYTES));
+    // Each block starts at this size, whatever the one before grew to for a long line.
+    let capacity = BLOCK_BYTES.min(chunk * 4096) + READ_BYTES;
+    let mut cur = block(&name, Vec::with_capacity(capacity));
     // The current line starts at `start` of `cur.text`; newlines are searched for from `scan`.
     let (mut start, mut scan, mut line_no) = (0usize, 0usize, 1u64);
     // Inside a line over the limit, whose bytes are being dropped.
@@ -298,7 +303,7 @@ fn read_ndjson(
             (start, scan, line_no, skipping) = (i + 1, i + 1, line_no + 1, false);
             if cur.lines.len() >= chunk || start >= BLOCK_BYTES {
                 // The bytes after the last whole line start the next block.
-                let mut next = Vec::with_capacity(cur.text.capacity());
+                let mut next = Vec::with_capacity(capacity.max(cur.text.len() - start));
                 next.extend_from_slice(&cur.text[start..]);
                 cur.text.truncate(start);
                 let full = std::mem::replace(&mut cur, block(&name, next));

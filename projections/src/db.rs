@@ -8,7 +8,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
 
 // The same WAL size and restart policy as the embedded log's.
-use runtime::embedded::{flush_filesystem, CATCH_UP_BYTES, CATCH_UP_ROUNDS, RESTART_WAL_BYTES};
+use runtime::embedded::{flush_filesystem, CatchUp, RESTART_WAL_BYTES};
 
 use crate::ProjectionError;
 
@@ -87,17 +87,15 @@ async fn checkpoint(
         let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(c).await?;
         Ok((row.try_get(1)?, row.try_get(2)?))
     };
-    let (frames, mut before) = passive(c).await?;
+    let (frames, copied) = passive(c).await?;
     if frames * *page_size >= restart_bytes {
-        for _ in 0..CATCH_UP_ROUNDS {
+        let mut rounds = CatchUp::new(copied, *page_size);
+        loop {
             if let Some(dir) = dir {
                 let dir = dir.to_path_buf();
                 let _ = tokio::task::spawn_blocking(move || flush_filesystem(&dir)).await;
             }
-            let (_, now) = passive(c).await?;
-            let fresh = now - before;
-            before = now;
-            if fresh * *page_size <= CATCH_UP_BYTES {
+            if !rounds.more(passive(c).await?.1) {
                 break;
             }
         }

@@ -87,8 +87,31 @@ const RESTART_WAIT: Duration = Duration::from_millis(50);
 /// Before a restart, rounds of (flush, PASSIVE checkpoint) repeat, at most `CATCH_UP_ROUNDS`,
 /// until one copies at most this much: the restart then has little to copy and sync while it
 /// holds back the writer. (Without them a restart in a load stalled appends for 300-500 ms.)
-pub const CATCH_UP_BYTES: i64 = 8 << 20;
-pub const CATCH_UP_ROUNDS: usize = 6;
+const CATCH_UP_BYTES: i64 = 8 << 20;
+const CATCH_UP_ROUNDS: usize = 6;
+
+/// The rounds of (flush, PASSIVE checkpoint) before a WAL restart, for the log and the SQLite
+/// views alike: after each round's checkpoint, [`CatchUp::more`] says whether to run another.
+pub struct CatchUp {
+    copied: i64,
+    page_size: i64,
+    rounds: usize,
+}
+
+impl CatchUp {
+    /// After a PASSIVE checkpoint that had copied `copied` frames of `page_size` bytes.
+    pub fn new(copied: i64, page_size: i64) -> CatchUp {
+        CatchUp { copied, page_size, rounds: 0 }
+    }
+
+    /// Given the frames copied so far: whether the last round copied more than
+    /// `CATCH_UP_BYTES` and another round is allowed.
+    pub fn more(&mut self, copied: i64) -> bool {
+        let fresh = copied - std::mem::replace(&mut self.copied, copied);
+        self.rounds += 1;
+        fresh * self.page_size > CATCH_UP_BYTES && self.rounds < CATCH_UP_ROUNDS
+    }
+}
 
 /// How long a connection waits for a lock before an append or read fails as busy.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,18 +179,12 @@ fn checkpoint_loop(conn: Connection, dir: &Path, restart_bytes: i64, stop: mpsc:
                 // syncs the database file, and PASSIVE checkpoints that did not reach the WAL's
                 // end (all of them, under steady appends) never synced it. So first flush what
                 // they copied and copy again, until one round copies little.
-                let mut before = copied;
-                for _ in 0..CATCH_UP_ROUNDS {
+                let mut rounds = CatchUp::new(copied, page_size);
+                loop {
                     flush_filesystem(dir);
                     match passive_checkpoint(&conn) {
-                        Ok((_, now)) => {
-                            let fresh = now - before;
-                            before = now;
-                            if fresh * page_size <= CATCH_UP_BYTES {
-                                break;
-                            }
-                        }
-                        Err(_) => break,
+                        Ok((_, now)) if rounds.more(now) => {}
+                        _ => break,
                     }
                 }
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
@@ -874,6 +891,18 @@ mod tests {
         // The group's commit went through the background lane and is seen by a new member.
         let mut again = log.group_consumer("g", &["t".to_string()]).await.unwrap();
         assert!(again.poll(10, Duration::from_millis(100)).await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn catch_up_rounds_end_once_one_copies_little_or_at_their_bound() {
+        let page = 16 << 10;
+        let big = CATCH_UP_BYTES / page + 1;
+        let mut r = CatchUp::new(1000, page);
+        assert!(r.more(1000 + big), "a round that copied more than the bound asks for another");
+        assert!(!r.more(1000 + big + 1), "a round that copied little ends them");
+        let mut r = CatchUp::new(0, page);
+        let rounds = (1..).take_while(|n| r.more(n * big)).count() + 1;
+        assert_eq!(rounds, CATCH_UP_ROUNDS, "never more than CATCH_UP_ROUNDS");
     }
 
     #[test]
