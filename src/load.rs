@@ -344,14 +344,13 @@ fn refuse_long(file: &str, line_no: u64, max_line: usize) -> Raw {
 }
 
 /// Parses, checks and encodes one chunk: the appendable records and the rejections.
-/// The submissions record of a checked write (`upsert` ran `check_resource` on every change, so
-/// the record carries `headers::VALIDATED`).
+/// The record of a checked write (`upsert` ran `check_resource` on every change), for the change
+/// topic, as the HTTP API appends it.
 pub fn record(topic: &str, ev: &ResourceChanged) -> Result<Record, schemas::SchemaError> {
     Ok(Record::new(topic.to_string(), ev.key(), schemas::encode_event(ev)?)
         .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
         .header(headers::EVENT_ID, ev.envelope.event_id.clone())
-        .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone())
-        .header(headers::VALIDATED, processors::validate_processor::RULES))
+        .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone()))
 }
 
 fn prepare(chunk: Vec<Raw>, correlation: &str, topic: &str) -> (Vec<Record>, Vec<(String, OperationOutcome)>) {
@@ -423,7 +422,7 @@ pub async fn load_into(log: Arc<dyn Log>, args: &LoadArgs) -> anyhow::Result<Loa
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let topic = topics::full(&args.backend.topic_prefix, topics::FHIR_SUBMISSIONS);
+    let topic = topics::full(&args.backend.topic_prefix, topics::FHIR_CHANGES);
     let correlation = uuid::Uuid::now_v7().to_string();
     let mut report = LoadReport { files: files.len() as u64, ..Default::default() };
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
@@ -557,7 +556,7 @@ mod tests {
             assert_eq!(strip(&lines), want, "chunk {chunk}");
             assert_eq!(refused, [at(7), at(9)], "chunk {chunk}");
 
-            let (records, rejected) = prepare(raws, "c", "fhir.submissions");
+            let (records, rejected) = prepare(raws, "c", "fhir.changes");
             assert_eq!(records.len(), 4, "a, c, long and z");
             let mut origins: Vec<&str> = rejected.iter().map(|(o, _)| o.as_str()).collect();
             origins.sort_by_key(|o| o.rsplit(':').next().and_then(|n| n.parse::<u32>().ok()));

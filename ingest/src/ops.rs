@@ -51,7 +51,7 @@ pub async fn readyz(State(state): State<SharedOps>) -> Response {
     let mut checks = serde_json::Map::new();
     let started = state.ready.load(Ordering::Acquire);
     checks.insert("startup".into(), json!(if started { "ok" } else { "starting" }));
-    let log_ok = match state.log.partitions(&topics::full(&state.topic_prefix, topics::FHIR_SUBMISSIONS)).await {
+    let log_ok = match state.log.partitions(&topics::full(&state.topic_prefix, topics::FHIR_CHANGES)).await {
         Ok(_) => "ok".to_string(),
         Err(e) => e.to_string(),
     };

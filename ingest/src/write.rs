@@ -54,10 +54,11 @@ pub fn event(
     }
 }
 
-/// Appends events to the submissions topic in one durable append. Every caller has run
-/// `check_change`/`check_resource` on each change, so the records say so (`headers::VALIDATED`).
+/// Appends events to the change topic in one durable append. Every caller has run
+/// `check_change`/`check_resource` on each change, the validate processor's rules, so the write
+/// skips the submissions topic: one copy of the resource on the log, not two.
 pub async fn append(state: &SharedState, events: &[ResourceChanged]) -> Result<(), ApiError> {
-    let topic = topics::full(&state.config.topic_prefix, topics::FHIR_SUBMISSIONS);
+    let topic = topics::full(&state.config.topic_prefix, topics::FHIR_CHANGES);
     let mut records = Vec::with_capacity(events.len());
     for ev in events {
         let value = schemas::encode_event(ev).map_err(ApiError::internal)?;
@@ -65,8 +66,7 @@ pub async fn append(state: &SharedState, events: &[ResourceChanged]) -> Result<(
             Record::new(topic.clone(), ev.key(), value)
                 .header(headers::EVENT_TYPE, ResourceChanged::EVENT_TYPE)
                 .header(headers::EVENT_ID, ev.envelope.event_id.clone())
-                .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone())
-                .header(headers::VALIDATED, processors::validate_processor::RULES),
+                .header(headers::CORRELATION_ID, ev.envelope.correlation_id.clone()),
         );
     }
     state.log.append(records).await?;

@@ -1,7 +1,9 @@
 //! The validate processor: reads write submissions, forwards the well-formed ones to
 //! `fhir.changes`, and dead-letters the rest with an OperationOutcome naming the element.
-//! Ingest runs the same [`check_change`] before appending, so API clients get their 400 at
-//! once; this stage guards everything else that produces to the submissions topic.
+//! payerx's edges (the HTTP API, `payerx load`) run the same [`check_change`] themselves and
+//! append what passes straight to `fhir.changes`, so API clients get their 400 at once and a
+//! checked write is not copied through the log twice; this stage guards everything else that
+//! produces to the submissions topic.
 
 use runtime::{Consumed, ProcessError, Processor, Record};
 use schemas::topics::{self, headers};
@@ -134,11 +136,6 @@ fn rebase(expression: &str, rtype: &str, prefix: &str) -> String {
     }
 }
 
-/// Names the rules `check_change` applies; edges that ran them stamp submissions with it
-/// (`headers::VALIDATED`). A pure function of the payerx version, so any change to the validator
-/// (a new release) makes the processor check again.
-pub const RULES: &str = concat!("payerx-r4-structure/", env!("CARGO_PKG_VERSION"));
-
 pub struct ValidateProcessor {
     submissions: String,
     changes: String,
@@ -181,13 +178,10 @@ impl Processor for ValidateProcessor {
         if ev.changes.is_empty() {
             return Err(permanent(OperationOutcome::error(IssueType::Required, "the event has no changes")));
         }
-        // Same rules at the edge give the same answer: the only work left is forwarding.
-        if input.header(headers::VALIDATED) != Some(RULES) {
-            let many = ev.changes.len() > 1;
-            for (i, c) in ev.changes.iter().enumerate() {
-                let prefix = many.then(|| format!("Bundle.entry[{i}].resource"));
-                check_change(c, prefix.as_deref()).map_err(permanent)?;
-            }
+        let many = ev.changes.len() > 1;
+        for (i, c) in ev.changes.iter().enumerate() {
+            let prefix = many.then(|| format!("Bundle.entry[{i}].resource"));
+            check_change(c, prefix.as_deref()).map_err(permanent)?;
         }
         let out = ResourceChanged {
             envelope: ev.envelope.derived(
@@ -266,19 +260,6 @@ mod tests {
             fwd.envelope.causation_id.as_deref(),
             Some(schemas::decode_event::<ResourceChanged>(&input.value).unwrap().envelope.event_id.as_str())
         );
-    }
-
-    /// A record stamped by payerx's edge with these rules is forwarded without a second check;
-    /// a stamp from other rules (or none) is checked again. The invalid body shows which happened.
-    #[test]
-    fn trusts_only_its_own_rules_at_the_edge() {
-        let p = ValidateProcessor::new("payerx.");
-        let bad = r#"{"resourceType":"Patient","id":"p1","birthDate":"1980-13-45"}"#;
-        let mut input = consumed(&event(vec![change(bad, "Patient", "p1")]));
-        input.headers.push((headers::VALIDATED.into(), RULES.as_bytes().to_vec()));
-        assert_eq!(p.process(&input).unwrap().len(), 1, "same rules: not checked twice");
-        input.headers[0].1 = b"payerx-r4-structure/0.0.0-older".to_vec();
-        assert!(p.process(&input).is_err(), "other rules: checked again");
     }
 
     #[test]

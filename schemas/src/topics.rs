@@ -1,11 +1,14 @@
 //! Topic names and their keys. The prefix is configurable (`--topic-prefix`), so several payerx
 //! installations can share one Kafka cluster; names below are relative to it.
 
-/// Writes as received by ingest (or produced by the payer's own systems), before validation.
-/// Key: `{resourceType}/{id}` for single writes and batch entries, `Bundle/{transaction id}` for
-/// transactions.
+/// Writes still to be checked: those the payer's own systems produce, and the resources payerx
+/// derives itself (attachment DocumentReferences, bulk-match Groups). The validate processor
+/// forwards the well-formed ones to [`FHIR_CHANGES`]. Key: `{resourceType}/{id}` for single
+/// writes and batch entries, `Bundle/{transaction id}` for transactions.
 pub const FHIR_SUBMISSIONS: &str = "fhir.submissions";
-/// Validated writes, the input of the resource projection. Same key as the submissions.
+/// Every accepted write, the input of the resource projection: the writes payerx's edges (the
+/// HTTP API, `payerx load`) checked before appending them here, and the submissions the validate
+/// processor passed. Same keys as the submissions.
 pub const FHIR_CHANGES: &str = "fhir.changes";
 /// Dead letters of the validate processor: the original value, with the reason in headers.
 pub const VALIDATE_DLQ: &str = "fhir.submissions.dlq";
@@ -48,12 +51,6 @@ pub mod headers {
     pub const EVENT_TYPE: &str = "payerx.event-type";
     pub const CORRELATION_ID: &str = "payerx.correlation-id";
     pub const EVENT_ID: &str = "payerx.event-id";
-    /// Submissions: the validation rules (`processors::validate_processor::RULES`) that payerx's
-    /// own edge (HTTP ingest, `payerx load`) already passed this record through. The validate
-    /// processor does not repeat a check with the same rules; without the header, or with other
-    /// rules (another payerx version), it validates. Only payerx should write this header, so
-    /// give other producers on the submissions topic no way to set it (Kafka ACLs / interceptor).
-    pub const VALIDATED: &str = "payerx.validated";
     /// Dead letters: why the record could not be processed.
     pub const ERROR_REASON: &str = "payerx.error.reason";
     /// Dead letters: the stage that refused it.
