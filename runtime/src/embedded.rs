@@ -137,18 +137,18 @@ fn busy_step(attempts: i32, limit: Duration) -> bool {
     true
 }
 
-/// Writes back the dirty pages of the filesystem holding `dir`, the log's among them, without
-/// holding any lock of the log. Through the folder, not the database file: closing any other
-/// descriptor of the database file would drop the process's SQLite locks on it.
+/// Writes back the dirty pages of the filesystem holding `dir` (the log's, or the SQLite views'),
+/// without holding any lock of the database. Through the folder, not the database file: closing
+/// any other descriptor of the database file would drop the process's SQLite locks on it.
 pub fn flush_filesystem(dir: &Path) {
     #[cfg(target_os = "linux")]
     match std::fs::File::open(dir) {
         Ok(d) => {
             if let Err(e) = rustix::fs::syncfs(&d) {
-                tracing::debug!(error = %e, "embedded log checkpoints: syncfs failed");
+                tracing::debug!(error = %e, "checkpoints: syncfs failed");
             }
         }
-        Err(e) => tracing::debug!(error = %e, "embedded log checkpoints: cannot open the data folder"),
+        Err(e) => tracing::debug!(error = %e, "checkpoints: cannot open the database folder"),
     }
     #[cfg(not(target_os = "linux"))]
     let _ = dir;
